@@ -1,0 +1,72 @@
+"""Typed containers shared by every dataset reader: one `Sample` per image, a `Dataset` of them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Sample:
+    """One image with its annotation.
+
+    image: uint8 (H, W, 3) RGB. mask: bool (H, W) pixel ground truth, None for normal images (and for
+    anomalous images of classification-only sets). label: 0 normal, 1 anomalous.
+    subject_mask: bool (H, W) subject region for contextual datasets, else None.
+    meta: extra per-sample facts (e.g. {"context": "highway", "split": "CC", "defect": "scratch"}).
+    """
+
+    image: np.ndarray
+    mask: np.ndarray | None
+    label: int
+    class_name: str
+    path: str
+    subject_mask: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Record:
+    """What a reader knows about a sample before decoding it (cheap to list, filter and sample)."""
+
+    path: str
+    label: int
+    class_name: str
+    mask_path: str | None = None
+    subject_mask_path: str | None = None
+    meta: tuple[tuple[str, str], ...] = ()
+
+
+class Dataset:
+    """A list of records plus a loader that decodes one record into a `Sample` on access."""
+
+    def __init__(self, name: str, records: Sequence[Record], load: Callable[[Record], Sample]):
+        self.name = name
+        self.records = list(records)
+        self._load = load
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Sample:
+        return self._load(self.records[i])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def class_names(self) -> list[str]:
+        return sorted({r.class_name for r in self.records})
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([r.label for r in self.records], dtype=np.int64)
+
+    def subset(self, indices: Sequence[int], name: str | None = None) -> Dataset:
+        return Dataset(name or self.name, [self.records[i] for i in indices], self._load)
+
+    def __repr__(self) -> str:
+        n_anom = int(self.labels.sum()) if self.records else 0
+        return f"Dataset({self.name!r}, {len(self)} images, {n_anom} anomalous, classes={self.class_names})"

@@ -1,0 +1,445 @@
+"""The method protocol every detector implements, the registry, and checkpoint save/load.
+
+A method is an ``nn.Module`` holding a frozen backbone plus its own (possibly trainable) parts. The base
+class owns everything that is the same for all methods: input conversion, batching, support caching,
+upsampling maps to each input's resolution, saving and loading. A method implements ``forward_batch``
+(and ``prepare_support`` if it is few-shot, ``training_stages`` if it learns).
+
+This module never imports the training engine at import time (STYLE: the model library does not pull
+in training code); ``fit`` imports it lazily.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anomalens.data.types import Dataset, Sample
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+# Sentinel: "the method's own default pretrained tag".
+DEFAULT = "default"
+FORMAT_VERSION = 1
+# Parameters under these prefixes belong to frozen backbones and are never saved.
+FROZEN_PREFIXES = ("backbone.", "dino.")
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: make a method reachable by name through `create` and `list_methods`."""
+
+    def wrap(cls: type[Method]) -> type[Method]:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def list_methods() -> list[str]:
+    """Names of all registered methods, sorted."""
+    import anomalens.methods  # noqa: F401  (registers the built-in methods)
+
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type[Method]:
+    names = list_methods()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(names)}")
+    return _REGISTRY[name]
+
+
+@dataclass
+class Prediction:
+    """Scores (B,) float32, higher = more anomalous, and maps (B,H,W) float32 at each input's own
+    resolution (a list when the inputs differ in size)."""
+
+    scores: np.ndarray
+    maps: np.ndarray | list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of one training stage; every field can be overridden from `fit`/CLI."""
+
+    epochs: int = 1
+    batch_size: int = 8
+    lr: float = 1e-3
+    optimizer: str = "adam"  # adam | adamw | sgd
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    schedule: str | None = None  # None | multistep | cosine
+    milestones: tuple[int, ...] = ()  # in iterations for multistep
+    gamma: float = 0.5
+    grad_accum: int = 1
+    max_steps_per_epoch: int | None = None
+    amp: bool = True  # used on CUDA only
+    augment: bool = False
+
+
+@dataclass
+class TrainBatch:
+    """A collated training batch at the model's input resolution S."""
+
+    images: torch.Tensor  # (B, 3, S, S) normalised
+    masks: torch.Tensor  # (B, S, S) float 0/1 (zeros where no mask)
+    labels: torch.Tensor  # (B,) long
+    has_mask: torch.Tensor  # (B,) bool: pixel supervision available
+    class_names: list[str]
+    subject_masks: torch.Tensor | None = None  # (B, S, S) float, contextual datasets
+    support: torch.Tensor | None = None  # (B, K, 3, S, S) normal support per query (few-shot training)
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return dataclasses.replace(
+            self,
+            images=move(self.images),
+            masks=move(self.masks),
+            labels=move(self.labels),
+            has_mask=move(self.has_mask),
+            subject_masks=move(self.subject_masks),
+            support=move(self.support),
+        )
+
+
+@dataclass
+class Stage:
+    """One training stage: which parameters learn, with which loss, on which data."""
+
+    name: str
+    parameters: Callable[[], Iterable[nn.Parameter]]
+    loss: Callable[[TrainBatch], dict[str, torch.Tensor]]  # must hold "loss"; others are logged
+    config: TrainConfig
+    select: Callable[[Dataset], Dataset] | None = None  # e.g. normal images only (InCTRLv2 OASL)
+    collate: Callable[[list[Sample], bool], TrainBatch] | None = None  # default: Method.collate
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+ImageLike = np.ndarray | str | os.PathLike
+
+
+class Method(nn.Module):
+    """Base class of all detectors. Subclasses set `config_class` and implement `forward_batch`."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = object
+    default_backbone: ClassVar[str] = "ViT-L-14-336"
+    default_pretrained: ClassVar[str | None] = "openai"
+    needs_support: ClassVar[bool] = False
+    trainable: ClassVar[bool] = False
+    resize: ClassVar[str] = "squash"  # squash | short_side_crop
+    pos_interp: ClassVar[str] = "bicubic"
+
+    def __init__(self, config: Any, backbone: nn.Module):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.threshold: float | None = None
+        self._support_key: str | None = None
+        self._support_ctx: Any = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def make_config(cls, **options: Any) -> Any:
+        """The method's config dataclass with `options` applied; unknown names are a clear error."""
+        valid = {f.name for f in dataclasses.fields(cls.config_class)}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) for {cls.name}: {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
+            )
+        config = cls.config_class()
+        fields = {f.name: f for f in dataclasses.fields(cls.config_class)}
+        # JSON round trips turn tuples into lists; restore the declared container type.
+        coerced = {k: tuple(v) if isinstance(v, list) and isinstance(getattr(config, k), tuple) else v
+                   for k, v in options.items() if k in fields}
+        return dataclasses.replace(config, **coerced)
+
+    @classmethod
+    def image_size(cls, config: Any, backbone: str) -> int | None:
+        """Input size for `backbone` (None = the backbone's native size)."""
+        return getattr(config, "image_size", None)
+
+    @classmethod
+    def build(
+        cls,
+        backbone: str | None = None,
+        pretrained: str | None = DEFAULT,
+        device: str = "auto",
+        **options: Any,
+    ) -> Method:
+        from anomalens.backbones import load_clip
+
+        config = cls.make_config(**options)
+        name = backbone or cls.default_backbone
+        tag = cls.default_pretrained if pretrained == DEFAULT else pretrained
+        dev = resolve_device(device)
+        clip = load_clip(name, tag, image_size=cls.image_size(config, name), pos_interp=cls.pos_interp)
+        method = cls(config, clip)
+        return method.to(dev).eval()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    # ------------------------------------------------------------------ inference
+    def forward_batch(
+        self, images: torch.Tensor, class_names: list[str], support: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,3,S,S) normalised images → scores (B,) and maps (B,h,w) at any model resolution."""
+        raise NotImplementedError
+
+    def prepare_support(self, images: torch.Tensor) -> Any:
+        """Per-support-set context (e.g. cached support features) from (K,3,S,S) images."""
+        return images
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: np.ndarray | Sequence[ImageLike],
+        class_names: str | Sequence[str] | None = None,
+        support: Sequence[ImageLike] | np.ndarray | None = None,
+        batch_size: int = 16,
+    ) -> Prediction:
+        """Score and segment `images` (uint8 (B,H,W,3), a list of arrays of any size, or paths)."""
+        arrays = to_arrays(images, "images")
+        names = broadcast_class_names(class_names, len(arrays))
+        if self.needs_support and support is None:
+            raise ValueError(f"method {self.name!r} needs support=[K normal images of the class]")
+        ctx = self._support_context(to_arrays(support, "support")) if support is not None else None
+        self.eval()
+        scores, maps = [], []
+        for start in range(0, len(arrays), batch_size):
+            chunk = arrays[start : start + batch_size]
+            x = self.backbone.preprocess(chunk, resize=self.resize).to(self.device)
+            s, m = self.forward_batch(x, names[start : start + batch_size], ctx)
+            scores.append(s.float().cpu())
+            maps.extend(resize_maps(m.float(), [a.shape[:2] for a in chunk]))
+        out_scores = torch.cat(scores).numpy().astype(np.float32)
+        if len({m.shape for m in maps}) == 1:
+            return Prediction(out_scores, np.stack(maps))
+        return Prediction(out_scores, maps)
+
+    def _support_context(self, arrays: list[np.ndarray]) -> Any:
+        digest = hashlib.sha1()
+        for a in arrays:
+            digest.update(str(a.shape).encode())
+            digest.update(np.ascontiguousarray(a).tobytes())
+        key = digest.hexdigest()
+        if key != self._support_key:
+            x = self.backbone.preprocess(arrays, resize=self.resize).to(self.device)
+            self._support_ctx = self.prepare_support(x)
+            self._support_key = key
+        return self._support_ctx
+
+    def set_scores(self, prediction: Prediction, class_names: Sequence[str]) -> np.ndarray:
+        """Image scores for a whole evaluated set; methods whose tables normalise per class override."""
+        return prediction.scores
+
+    # ------------------------------------------------------------------ training
+    def training_stages(self) -> list[Stage]:
+        return []
+
+    def collate(self, samples: list[Sample], augment: bool) -> TrainBatch:
+        """Default collation: preprocess images and masks at the model's input size."""
+        images = self.backbone.preprocess([s.image for s in samples], resize=self.resize)
+        size = images.shape[-2:]
+        masks = torch.zeros((len(samples), *size))
+        has_mask = torch.zeros(len(samples), dtype=torch.bool)
+        for i, s in enumerate(samples):
+            if s.mask is not None:
+                masks[i] = self.backbone.preprocess_masks([s.mask], resize=self.resize)[0]
+                has_mask[i] = True
+            elif s.label == 0:
+                has_mask[i] = True  # a normal image's mask is known to be empty
+        subject = None
+        if any(s.subject_mask is not None for s in samples):
+            subject = torch.stack(
+                [
+                    self.backbone.preprocess_masks([s.subject_mask], resize=self.resize)[0]
+                    if s.subject_mask is not None
+                    else torch.ones(size)
+                    for s in samples
+                ]
+            )
+        labels = torch.tensor([s.label for s in samples], dtype=torch.long)
+        return TrainBatch(images, masks, labels, has_mask, [s.class_name for s in samples], subject)
+
+    def fit(self, dataset: Dataset, **train_options: Any) -> dict:
+        """Train the method's stages on `dataset` (see `anomalens.engine.train_method` for options)."""
+        if not self.training_stages():
+            raise ValueError(f"method {self.name!r} has nothing to train")
+        from anomalens.engine import train_method
+
+        return train_method(self, dataset, **train_options)
+
+    # ------------------------------------------------------------------ persistence
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Everything learned (parameters and buffers), never the frozen backbones."""
+        return {
+            k: v.detach().cpu().contiguous()
+            for k, v in self.state_dict().items()
+            if not k.startswith(FROZEN_PREFIXES)
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "method": self.name,
+            "backbone": self.backbone.name,
+            "pretrained": self.backbone.pretrained,
+            "options": json_safe(dataclasses.asdict(self.config)),
+            "threshold": self.threshold,
+            "version": _version(),
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write learned tensors (safetensors) with the JSON config in its header; atomic."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = self.trainable_state() or {"_empty": torch.zeros(0)}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(state, tmp, metadata={"anomalens": json.dumps(self.describe())})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(description, tensors) of a file written by `Method.save`; errors name the file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k != "_empty"}
+    except Exception as e:  # safetensors raises several types for corrupt headers
+        raise ValueError(f"{path}: not an anomalens checkpoint ({e})") from None
+    if "anomalens" not in meta:
+        raise ValueError(f"{path}: not an anomalens checkpoint (no 'anomalens' metadata)")
+    return json.loads(meta["anomalens"]), tensors
+
+
+def load(path: str | os.PathLike, device: str = "auto", pretrained: str | None = DEFAULT) -> Method:
+    """Rebuild a saved method (its backbone is loaded again by name; its weights are not stored)."""
+    desc, tensors = read_checkpoint(path)
+    cls = method_class(desc["method"])
+    tag = desc["pretrained"] if pretrained == DEFAULT else pretrained
+    method = cls.build(desc["backbone"], tag, device=device, **desc["options"])
+    missing, unexpected = method.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if not k.startswith(FROZEN_PREFIXES)]
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match {desc['method']} (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    method.threshold = desc.get("threshold")
+    return method.to(resolve_device(device)).eval()
+
+
+def create(
+    name: str,
+    backbone: str | None = None,
+    pretrained: str | None = DEFAULT,
+    device: str = "auto",
+    **options: Any,
+) -> Method:
+    """Build a registered method, e.g. ``create("crane", backbone="ViT-L-14-336", pretrained="openai")``."""
+    return method_class(name).build(backbone, pretrained, device=device, **options)
+
+
+# ---------------------------------------------------------------------- helpers
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def to_arrays(images: Any, argument: str) -> list[np.ndarray]:
+    """Accept uint8 (B,H,W,3), (H,W,3), a list of arrays, or paths; return a list of (H,W,3) uint8."""
+    from anomalens.data import read_image
+
+    if isinstance(images, np.ndarray):
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"{argument}: expected uint8 (B,H,W,3) RGB, got shape {images.shape}")
+        images = list(images)
+    elif isinstance(images, (str, os.PathLike)):
+        images = [images]
+    out = []
+    for i, item in enumerate(images):
+        if isinstance(item, (str, os.PathLike)):
+            out.append(read_image(item))
+            continue
+        a = np.asarray(item)
+        if a.ndim != 3 or a.shape[-1] != 3:
+            raise ValueError(f"{argument}[{i}]: expected (H,W,3) RGB, got shape {a.shape}")
+        if a.dtype != np.uint8:
+            raise ValueError(f"{argument}[{i}]: expected uint8 pixels, got {a.dtype}")
+        out.append(a)
+    if not out:
+        raise ValueError(f"{argument}: no images given")
+    return out
+
+
+def broadcast_class_names(class_names: str | Sequence[str] | None, n: int) -> list[str]:
+    if class_names is None:
+        return ["object"] * n
+    if isinstance(class_names, str):
+        return [class_names] * n
+    names = list(class_names)
+    if len(names) == 1:
+        return names * n
+    if len(names) != n:
+        raise ValueError(f"class_names: got {len(names)} names for {n} images")
+    return names
+
+
+def resize_maps(maps: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """Bilinearly resize each (h,w) map to its image's (H,W)."""
+    out = []
+    for m, size in zip(maps, sizes):
+        if tuple(m.shape) != tuple(size):
+            m = F.interpolate(m[None, None], size=tuple(size), mode="bilinear", align_corners=False)[0, 0]
+        out.append(m.cpu().numpy().astype(np.float32))
+    return out
+
+
+def json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _version() -> str:
+    from anomalens import __version__
+
+    return __version__
