@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+
+class DataError(ValueError):
+    """A dataset, image or mask that cannot be used as given; the message is one line naming the file.
+
+    Newlines in the message are folded into spaces so that a CLI can print it as a single line.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(re.sub(r"\s*[\r\n]+\s*", " ", str(message)).strip())
 
 
 @dataclass
