@@ -169,8 +169,11 @@ class Method(nn.Module):
         config = cls.config_class()
         fields = {f.name: f for f in dataclasses.fields(cls.config_class)}
         # JSON round trips turn tuples into lists; restore the declared container type.
-        coerced = {k: tuple(v) if isinstance(v, list) and isinstance(getattr(config, k), tuple) else v
-                   for k, v in options.items() if k in fields}
+        coerced = {
+            k: tuple(v) if isinstance(v, list) and isinstance(getattr(config, k), tuple) else v
+            for k, v in options.items()
+            if k in fields
+        }
         return dataclasses.replace(config, **coerced)
 
     @classmethod
@@ -339,7 +342,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys() if k != "_empty"}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k != "_empty"}  # noqa: SIM118
     except Exception as e:  # safetensors raises several types for corrupt headers
         raise ValueError(f"{path}: not an anomalens checkpoint ({e})") from None
     if "anomalens" not in meta:
@@ -356,8 +359,10 @@ def load(path: str | os.PathLike, device: str = "auto", pretrained: str | None =
     missing, unexpected = method.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not k.startswith(FROZEN_PREFIXES)]
     if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match {desc['method']} (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
+        raise ValueError(
+            f"{path}: checkpoint does not match {desc['method']} (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
     method.threshold = desc.get("threshold")
     return method.to(resolve_device(device)).eval()
 
@@ -424,7 +429,7 @@ def broadcast_class_names(class_names: str | Sequence[str] | None, n: int) -> li
 def resize_maps(maps: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
     """Bilinearly resize each (h,w) map to its image's (H,W)."""
     out = []
-    for m, size in zip(maps, sizes):
+    for m, size in zip(maps, sizes, strict=True):
         if tuple(m.shape) != tuple(size):
             m = F.interpolate(m[None, None], size=tuple(size), mode="bilinear", align_corners=False)[0, 0]
         out.append(m.cpu().numpy().astype(np.float32))
