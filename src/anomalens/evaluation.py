@@ -1,0 +1,399 @@
+"""Evaluate a method on datasets: per-class predictions, metrics, results JSON (DESIGN §3.4) and tables.
+
+One evaluation = for every dataset and class: predict in batches (the class name is passed to the
+method), optionally with a K-shot normal support set sampled from the dataset's *train* split, turn
+the per-image predictions into set-level image scores with `Method.set_scores` (the hook through which
+methods that normalise per class over the evaluated set do so), and compute the metrics. Maps of one
+class are held in memory until its metrics are computed, as the official evaluators do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from anomalens import data as al_data
+from anomalens.data.types import Dataset
+from anomalens.methods.base import DEFAULT, Method, Prediction, resolve_device
+from anomalens.viz import atomic_write
+
+EVAL_RESOLUTIONS = ("input", "model")
+# Display order of the metric columns; metrics not listed here follow alphabetically.
+METRIC_ORDER = (
+    "image_auroc",
+    "image_ap",
+    "image_f1_max",
+    "pixel_auroc",
+    "pixel_ap",
+    "pixel_f1_max",
+    "aupro",
+)
+
+
+@dataclass
+class ClassResult:
+    """What `evaluate_method` computed for one class, handed to its `on_class` callback (e.g. a report)."""
+
+    dataset_name: str
+    class_name: str
+    data: Dataset
+    indices: list[int]  # into `data`
+    labels: np.ndarray  # (N,)
+    scores: np.ndarray  # (N,) set-level image scores
+    maps: list[np.ndarray]  # each (H, W) at the evaluated resolution
+    metrics: dict[str, float | None]
+
+
+def evaluate_method(
+    method: Method,
+    dataset_or_specs: str | Dataset | Sequence[str | Dataset],
+    *,
+    split: str = "test",
+    classes: Sequence[str] | None = None,
+    batch_size: int = 16,
+    shots: int | None = None,
+    support_seed: int = 0,
+    support_data: Dataset | None = None,
+    eval_resolution: str = "input",
+    aupro_variant: str = "mvtec",
+    protocol: str | None = None,
+    progress: bool = True,
+    on_class: Callable[[ClassResult], None] | None = None,
+) -> dict:
+    """Evaluate `method` and return the results document of DESIGN §3.4.
+
+    dataset_or_specs: dataset specs ("mvtec:/data/mvtec") and/or loaded `Dataset`s; specs are read
+        with `split` and `classes` (loaded `Dataset`s are evaluated as given).
+    shots: K normal support images per class (few-shot), sampled with `support_seed` from the train
+        split of each spec, or from `support_data` for `Dataset` arguments; None = zero-shot.
+    eval_resolution: "input" scores maps against masks at each image's own resolution; "model" resizes
+        both to the model's input size first, as the official evaluators do (comparable to paper tables).
+    aupro_variant: "mvtec" (official MVTec algorithm) or "sampled" (AnomalyCLIP/APRIL-GAN code).
+    on_class: called with every `ClassResult` (e.g. to collect report images).
+    """
+    if eval_resolution not in EVAL_RESOLUTIONS:
+        raise ValueError(
+            f"eval_resolution must be one of {', '.join(EVAL_RESOLUTIONS)}, got {eval_resolution!r}"
+        )
+    if method.needs_support and shots is None:
+        raise ValueError(
+            f"method {method.name!r} is few-shot: give shots=K (normal support images per class)"
+        )
+    items = [dataset_or_specs] if isinstance(dataset_or_specs, (str, Dataset)) else list(dataset_or_specs)
+    if not items:
+        raise ValueError("no dataset to evaluate")
+    results: dict[str, Any] = {
+        **method.describe(),
+        "protocol": protocol or ("zero-shot" if shots is None else "fewshot"),
+        "seed": support_seed if shots is not None else None,
+        "shots": shots,
+        "eval_resolution": eval_resolution,
+        "aupro_variant": aupro_variant,
+        "support_files": {},
+        "datasets": {},
+    }
+    n_images, seconds = 0, 0.0
+    for item in items:
+        dataset = al_data.load(item, split, classes) if isinstance(item, str) else item
+        if not len(dataset):
+            raise ValueError(f"dataset {dataset.name!r} is empty")
+        name = _unique(dataset.name, results["datasets"])
+        support_source = None
+        if shots is not None:
+            support_source = al_data.load(item, "train", classes) if isinstance(item, str) else support_data
+            if support_source is None:
+                raise ValueError(
+                    f"few-shot evaluation of dataset {name!r}: pass support_data (its train split)"
+                )
+            results["support_files"][name] = {}
+        per_class: dict[str, dict[str, float | None]] = {}
+        bar = tqdm(total=len(dataset), desc=f"eval {name}", unit="img", disable=not progress, leave=False)
+        for cls in dataset.class_names:
+            support = None
+            if support_source is not None:
+                idx = al_data.sample_support(support_source, shots, support_seed, cls)
+                results["support_files"][name][cls] = [support_source.records[i].path for i in idx]
+                support = [support_source[i].image for i in idx]
+            indices = [i for i, r in enumerate(dataset.records) if r.class_name == cls]
+            start = time.perf_counter()
+            prediction, masks = _predict_class(method, dataset, indices, cls, support, batch_size, bar)
+            scores = np.asarray(method.set_scores(prediction, [cls] * len(indices)), dtype=np.float64)
+            seconds += time.perf_counter() - start
+            n_images += len(indices)
+            labels = np.array([dataset.records[i].label for i in indices], dtype=np.int64)
+            maps = list(prediction.maps)
+            if eval_resolution == "model":
+                maps, masks = _to_model_resolution(method, maps, masks)
+            per_class[cls] = class_metrics(labels, scores, masks, maps, aupro_variant)
+            if on_class is not None:
+                on_class(ClassResult(name, cls, dataset, indices, labels, scores, maps, per_class[cls]))
+        bar.close()
+        results["datasets"][name] = {"classes": per_class, **mean_over_classes(per_class)}
+    results["timing"] = timing(n_images, seconds, str(method.device))
+    return results
+
+
+def timing(images: int, seconds: float, device: str) -> dict[str, Any]:
+    """The "timing" block of a results document: wall seconds of image decoding, prediction and
+    set-level scoring (metrics excluded)."""
+    return {
+        "images": images,
+        "seconds": round(seconds, 6),
+        "images_per_s": round(images / seconds, 3) if seconds > 0 else None,
+        "device": device,
+    }
+
+
+def class_metrics(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    masks: Sequence[np.ndarray | None],
+    maps: Sequence[np.ndarray],
+    aupro_variant: str = "mvtec",
+) -> dict[str, float | None]:
+    """All metrics of one class; pixel metrics only when every anomalous image has a mask."""
+    from anomalens import metrics
+
+    has_pixels = bool(labels.any()) and all(
+        m is not None for m, y in zip(masks, labels, strict=True) if y == 1
+    )
+    if has_pixels:
+        values = metrics.evaluate(labels, scores, list(masks), list(maps), aupro_variant=aupro_variant)
+    else:
+        values = metrics.evaluate(labels, scores)
+    return {k: _json_float(v) for k, v in values.items()}
+
+
+def mean_over_classes(per_class: dict[str, dict[str, float | None]]) -> dict[str, Any]:
+    """{"mean": {metric: mean over classes}, "notes": [...]}; undefined (None) values are left out of
+    the mean and named in a note."""
+    names = _ordered({k for m in per_class.values() for k in m})
+    mean: dict[str, float | None] = {}
+    notes = []
+    for metric in names:
+        values = {cls: m.get(metric) for cls, m in per_class.items()}
+        defined = [v for v in values.values() if v is not None]
+        mean[metric] = float(np.mean(defined)) if defined else None
+        missing = sorted(cls for cls, v in values.items() if v is None)
+        if missing:
+            notes.append(
+                f"{metric}: mean over {len(defined)} of {len(values)} classes "
+                f"(undefined for {', '.join(missing)})"
+            )
+    return {"mean": mean, "notes": notes} if notes else {"mean": mean}
+
+
+def markdown_table(results: dict) -> str:
+    """A markdown table (values in %) of every dataset's classes and mean, followed by any notes."""
+    datasets = results.get("datasets", {})
+    metrics = _ordered({k for d in datasets.values() for m in (d["mean"], *d["classes"].values()) for k in m})
+    header = ["dataset", "class", *metrics]
+    lines = [f"| {' | '.join(header)} |", f"|{'|'.join(['---'] * 2 + ['---:'] * len(metrics))}|"]
+    notes = []
+    for name, d in datasets.items():
+        for cls, values in d["classes"].items():
+            lines.append(_row([name, cls], values, metrics))
+        lines.append(_row([name, "**mean**"], d["mean"], metrics, bold=True))
+        if "std" in d:
+            lines.append(_row([name, "std"], d["std"], metrics))
+        notes += [f"{name}: {n}" for n in d.get("notes", [])]
+    title = f"{results.get('method', '?')} · {results.get('backbone', '?')} ({results.get('pretrained')})"
+    title += f" · {results.get('protocol', '?')}"
+    text = f"**{title}** — metrics in %\n\n" + "\n".join(lines) + "\n"
+    if notes:
+        text += "\n" + "\n".join(f"* {n}" for n in notes) + "\n"
+    return text
+
+
+def write_results(results: dict, out_dir: str | os.PathLike) -> Path:
+    """Write `results.json` and `results.md` into `out_dir` atomically; return the JSON path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_json_safe(results), indent=2, allow_nan=False)
+    path = atomic_write(out / "results.json", text + "\n")
+    atomic_write(out / "results.md", markdown_table(results))
+    return path
+
+
+def benchmark(
+    methods: Sequence[str],
+    *,
+    backbone: str | None = None,
+    pretrained: str | None = DEFAULT,
+    batch_sizes: Sequence[int] = (1, 8),
+    image_size: int = 512,
+    device: str = "auto",
+    iters: int = 10,
+    warmup: int = 2,
+    shots: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+    options: dict[str, Any] | None = None,
+) -> dict:
+    """Inference speed of `Method.predict` on random uint8 images of `image_size`² (preprocessing
+    included): images/s, latency per batch p50/p95 (ms) and peak memory per method × batch size.
+    `options` are given to every method's `create` (e.g. {"image_size": 336}).
+
+    Peak memory is the CUDA allocator's peak on GPU; on CPU it is the process's peak resident set size
+    so far (monotonic over the run, so later rows include earlier ones).
+    """
+    import resource
+
+    import torch
+
+    from anomalens.methods import create
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for name in methods:
+        model = create(name, backbone=backbone, pretrained=pretrained, device=device, **(options or {}))
+        support = list(rng.integers(0, 256, (shots, image_size, image_size, 3), dtype=np.uint8))
+        support = support if model.needs_support else None
+        cuda = model.device.type == "cuda"
+        for bs in tqdm(batch_sizes, desc=f"bench {name}", disable=not progress, leave=False):
+            images = rng.integers(0, 256, (bs, image_size, image_size, 3), dtype=np.uint8)
+            for _ in range(warmup):
+                model.predict(images, "object", support=support, batch_size=bs)
+            if cuda:
+                torch.cuda.synchronize(model.device)
+                torch.cuda.reset_peak_memory_stats(model.device)
+            latencies = []
+            for _ in range(iters):
+                start = time.perf_counter()
+                model.predict(images, "object", support=support, batch_size=bs)
+                if cuda:
+                    torch.cuda.synchronize(model.device)
+                latencies.append(time.perf_counter() - start)
+            peak = (
+                torch.cuda.max_memory_allocated(model.device) / 2**20
+                if cuda
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            )
+            rows.append(
+                {
+                    "method": name,
+                    "backbone": model.backbone.name,
+                    "batch_size": bs,
+                    "images_per_s": round(bs * iters / sum(latencies), 3),
+                    "latency_ms_p50": round(1000 * float(np.percentile(latencies, 50)), 3),
+                    "latency_ms_p95": round(1000 * float(np.percentile(latencies, 95)), 3),
+                    "peak_memory_mb": round(peak, 1),
+                }
+            )
+        del model
+    return {
+        "device": str(resolve_device(device)),
+        "image_size": image_size,
+        "iters": iters,
+        "warmup": warmup,
+        "pretrained": pretrained,
+        "options": options or {},
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+
+
+def bench_table(results: dict) -> str:
+    """Markdown table of `benchmark` results."""
+    lines = [
+        f"**anomalens bench** · {results['device']} · {results['image_size']}² inputs · "
+        f"{results['iters']} timed batches",
+        "",
+        "| method | backbone | batch | images/s | p50 ms | p95 ms | peak MiB |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["rows"]:
+        lines.append(
+            f"| {r['method']} | {r['backbone']} | {r['batch_size']} | {r['images_per_s']:.1f} | "
+            f"{r['latency_ms_p50']:.1f} | {r['latency_ms_p95']:.1f} | {r['peak_memory_mb']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------- helpers
+def _predict_class(
+    method: Method,
+    dataset: Dataset,
+    indices: Sequence[int],
+    class_name: str,
+    support: list[np.ndarray] | None,
+    batch_size: int,
+    bar: tqdm,
+) -> tuple[Prediction, list[np.ndarray | None]]:
+    """Predictions for the images `indices` of one class, and their masks (None for normal images)."""
+    scores, maps, masks = [], [], []
+    for start in range(0, len(indices), batch_size):
+        samples = [dataset[i] for i in indices[start : start + batch_size]]
+        pred = method.predict([s.image for s in samples], class_name, support=support, batch_size=batch_size)
+        scores.append(pred.scores)
+        maps.extend(pred.maps)
+        masks.extend(s.mask for s in samples)
+        bar.update(len(samples))
+    out_maps = np.stack(maps) if len({m.shape for m in maps}) == 1 else maps
+    return Prediction(np.concatenate(scores).astype(np.float32), out_maps), masks
+
+
+def _to_model_resolution(
+    method: Method, maps: list[np.ndarray], masks: list[np.ndarray | None]
+) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+    """Maps and masks resized to the model's square input size (`metrics.resize_for_eval`)."""
+    from anomalens.metrics import resize_for_eval
+
+    size = method.backbone.image_size
+    pairs = [resize_for_eval(mask, amap, size) for mask, amap in zip(masks, maps, strict=True)]
+    # A normal image keeps mask None (resize_for_eval returns an empty mask for it).
+    return [m for _, m in pairs], [
+        None if mask is None else gt for mask, (gt, _) in zip(masks, pairs, strict=True)
+    ]
+
+
+def _unique(name: str, taken: dict) -> str:
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name} ({n})", n + 1
+    return candidate
+
+
+def _ordered(names: set[str]) -> list[str]:
+    known = [m for m in METRIC_ORDER if m in names]
+    return known + sorted(names - set(known))
+
+
+def _row(head: list[str], values: dict, metrics: list[str], bold: bool = False) -> str:
+    cells = []
+    for metric in metrics:
+        v = values.get(metric)
+        cell = "–" if v is None else f"{100 * v:.1f}"
+        cells.append(f"**{cell}**" if bold and v is not None else cell)
+    return f"| {' | '.join(head + cells)} |"
+
+
+def _json_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    v = float(value)
+    return v if math.isfinite(v) else None
+
+
+def _json_safe(value: Any) -> Any:
+    """numpy scalars/arrays → Python; non-finite floats → None (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, (float, np.floating)):
+        return _json_float(value)
+    return value
