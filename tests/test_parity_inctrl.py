@@ -1,0 +1,166 @@
+"""Parity with the official InCTRL code (mala-lab/InCTRL), run only where its source tree is at
+``$ANOMALENS_OFFICIAL/InCTRL`` (never copied into this repository).
+
+The official model is built with random weights in a subprocess (its tree ships a package named
+``open_clip`` that would shadow the installed one), with its BatchNorm statistics randomised so that a
+wrong head mapping shows. Its state dict is then converted with `anomalens.converters.inctrl.convert`
+(CLIP weights passed as a local open_clip checkpoint) and both models score the same tensors:
+
+* default options, any batch: equal to the official model run one image at a time (its correct mode);
+* ``official_compat=True``, a batch of two: equal to the official batched forward, regrouping included.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(os.environ.get("ANOMALENS_OFFICIAL", "/nonexistent")) / "InCTRL"
+pytestmark = pytest.mark.skipif(
+    not REPO.is_dir(), reason="official InCTRL tree not at $ANOMALENS_OFFICIAL/InCTRL"
+)
+
+CLASS_NAME = "metal_nut"
+# Runs inside the official tree. Its code hard-codes CUDA and imports training-only packages: CUDA
+# calls are mapped to the CPU and those packages are stubbed; the text encoder is memoised (pure).
+RUNNER = textwrap.dedent(
+    """
+    import importlib.abc, importlib.util, json, sys
+    from unittest import mock
+    import torch
+
+    repo, inp, out = sys.argv[1:4]
+    sys.path.insert(0, repo)
+    torch.set_num_threads(1)
+    sys.modules.setdefault("simplejson", json)
+
+    class Stubs(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] in ("iopath", "fvcore", "psutil", "matplotlib"):
+                return importlib.util.spec_from_loader(name, self, is_package=True)
+        def create_module(self, spec):
+            module = mock.MagicMock(name=spec.name)
+            module.__path__, module.__spec__ = [], spec
+            return module
+        def exec_module(self, module):
+            pass
+
+    sys.meta_path.insert(0, Stubs())
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    to = torch.Tensor.to
+    def cpu_to(self, *args, **kwargs):
+        args = tuple("cpu" if isinstance(a, str) and a.startswith("cuda") else a for a in args)
+        return to(self, *args, **kwargs)
+    torch.Tensor.to = cpu_to
+
+    import open_clip
+    from open_clip.model import InCTRL
+
+    with open(f"{repo}/open_clip/model_configs/ViT-B-16-plus-240.json") as f:
+        cfg = json.load(f)
+    torch.manual_seed(0)
+    model = InCTRL(None, cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"], False, cast_dtype=None).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for head in (model.diff_head, model.diff_head_ref):
+            for bn in (head.bn2, head.bn3):
+                bn.running_mean.copy_(0.1 * torch.randn(bn.running_mean.shape, generator=gen))
+                bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=gen) + 0.5)
+                bn.weight.copy_(torch.rand(bn.weight.shape, generator=gen) + 0.5)
+                bn.bias.copy_(0.1 * torch.randn(bn.bias.shape, generator=gen))
+    encode_text, memo = model.encode_text, {}
+    def cached(tokens, normalize=False):
+        key = (tokens.numpy().tobytes(), normalize)
+        if key not in memo:
+            memo[key] = encode_text(tokens, normalize)
+        return memo[key]
+    model.encode_text = cached
+
+    data = torch.load(inp)
+    images, support, name = data["images"], data["support"], data["class_name"]
+    tokenizer = open_clip.get_tokenizer("ViT-B-16-plus-240")
+    b = images.shape[0]
+    shared = [s[None].expand(b, -1, -1, -1) for s in support]
+    with torch.no_grad():
+        final, s_i = model(tokenizer, [images, *shared], [name] * b, None)
+        one = [s[:1] for s in shared]
+        singles = [model(tokenizer, [images[i : i + 1], *one], [name], None) for i in range(b)]
+    torch.save(
+        {
+            "state": model.state_dict(),
+            "final_batch": final,
+            "s_i_batch": s_i,
+            "final_single": torch.cat([f for f, _ in singles]),
+            "s_i_single": torch.cat([s for _, s in singles]),
+        },
+        out,
+    )
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("inctrl_parity")
+    torch.manual_seed(0)
+    inputs = {
+        "images": torch.randn(2, 3, 240, 240),
+        "support": torch.randn(2, 3, 240, 240),
+        "class_name": CLASS_NAME,
+    }
+    torch.save(inputs, tmp / "in.pt")
+    (tmp / "runner.py").write_text(RUNNER)
+    subprocess.run(
+        [sys.executable, str(tmp / "runner.py"), str(REPO), str(tmp / "in.pt"), str(tmp / "out.pt")],
+        cwd=REPO,
+        check=True,
+        timeout=1800,
+    )
+    out = torch.load(tmp / "out.pt")
+    state = out["state"]
+    clip = {k: v for k, v in state.items() if not k.startswith(("adapter.", "diff_head"))}
+    clip["logit_scale"] = torch.tensor(math.log(1 / 0.07))  # absent from the official checkpoint
+    torch.save(clip, tmp / "clip.pt")
+    torch.save(state, tmp / "checkpoint_1.pyth")
+    return {**out, **inputs, "dir": tmp}
+
+
+def _scores(official: dict, compat: bool) -> tuple[dict, list[dict]]:
+    from anomalens.converters.inctrl import convert
+
+    tmp = official["dir"]
+    model = convert(
+        tmp / "checkpoint_1.pyth", pretrained=str(tmp / "clip.pt"), device="cpu", official_compat=compat
+    )
+    ctx = model.prepare_support(official["support"])
+    images, names = official["images"], [CLASS_NAME] * len(official["images"])
+    with torch.no_grad():
+        batch = model.components(images, names, ctx)
+        singles = [model.components(images[i : i + 1], names[:1], ctx) for i in range(len(images))]
+    return batch, singles
+
+
+def test_default_matches_the_official_model_one_image_at_a_time(official):
+    batch, singles = _scores(official, compat=False)
+    torch.testing.assert_close(batch["final"], official["final_single"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(batch["s_i"], official["s_i_single"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        torch.cat([s["final"] for s in singles]), official["final_single"], atol=1e-4, rtol=0
+    )
+
+
+def test_official_compat_matches_the_official_batched_forward(official):
+    batch, singles = _scores(official, compat=True)
+    torch.testing.assert_close(batch["final"], official["final_batch"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(batch["s_i"], official["s_i_batch"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        torch.cat([s["final"] for s in singles]), official["final_single"], atol=1e-4, rtol=0
+    )
+    assert (official["final_batch"] - official["final_single"]).abs().max() > 1e-4  # the regrouping shows
