@@ -21,8 +21,10 @@ test: venv
 demo: venv
 	$(BIN)/anomalens demo
 
+# CPU smoke benchmark on random weights; per-method benchmarks: benchmarks/bench_<method>.py
 bench: venv
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/bench_metrics.py
+	$(BIN)/anomalens bench --backbone test-tiny --pretrained none --image-size 256 --out runs/bench
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks

@@ -84,12 +84,56 @@ def test_debug_adds_the_traceback(capsys):
     assert err.splitlines()[-1].startswith("anomalens: error: unknown dataset kind in 'nonsense'")
 
 
-@pytest.mark.parametrize("command", ["serve", "export", "convert"])
+@pytest.mark.parametrize("command", ["serve", "export"])
 def test_commands_not_available_yet_exit_2(capsys, command):
     code, out, err = run(capsys, command, "--port", "8000", "model.anomalens")
     assert code == 2 and out == ""
     (line,) = err.splitlines()
     assert line.startswith(f"anomalens: not available yet: {command} lands with ")
+
+
+def test_convert_official_crane_checkpoint(capsys, tmp_path):
+    import torch
+
+    source = anomalens.create("crane", backbone="test-tiny", pretrained=None, device="cpu", image_size=64)
+    with torch.no_grad():
+        ctx = torch.randn_like(source.ctx_normal)
+        source.ctx_normal.copy_(ctx)
+    state = {
+        "ctx_pos": source.ctx_normal.detach()[None, None].clone(),
+        "ctx_neg": source.ctx_anomalous.detach()[None, None].clone(),
+        "tokenized_prompts_pos": source.prompt_tokens[0].int().view(1, 1, -1),
+        "tokenized_prompts_neg": source.prompt_tokens[1].int().view(1, 1, -1),
+    }
+    state.update(
+        {f"compound_prompts_text.{i}": p.detach().clone() for i, p in enumerate(source.deep_prompts)}
+    )
+    torch.save({"prompt_learner": state}, tmp_path / "epoch_5.pth")
+    out = tmp_path / "crane.anomalens"
+    code, stdout, _ = run(
+        capsys,
+        "convert",
+        "--from",
+        "crane",
+        str(tmp_path / "epoch_5.pth"),
+        "--out",
+        str(out),
+        "--backbone",
+        "test-tiny",
+        "--pretrained",
+        "none",
+        "--set",
+        "image_size=64",
+        "--device",
+        "cpu",
+    )
+    assert code == 0 and str(out) in stdout
+    torch.testing.assert_close(anomalens.load(out, device="cpu").ctx_normal, ctx)
+
+    code, _, err = run(capsys, "convert", "--from", "crane", str(tmp_path / "missing.pth"), "--out", str(out))
+    assert code == 1
+    (line,) = error_lines(err)
+    assert "missing.pth" in line
 
 
 def test_list_shows_methods_and_backbones(capsys):

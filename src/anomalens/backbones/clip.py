@@ -524,7 +524,7 @@ class _RandomInitFilter(logging.Filter):
 
 @contextmanager
 def _drop_random_init_warning(enabled: bool) -> Iterator[None]:
-    """Hide open_clip's "initialized randomly" warning when weights are loaded right after creation."""
+    """Hide open_clip's "initialized randomly" warning (random weights asked for, or loaded right after)."""
     log_filter = _RandomInitFilter()
     if enabled:
         logging.getLogger().addFilter(log_filter)
@@ -572,7 +572,8 @@ def load_clip(
     if quick_gelu is None:
         quick_gelu = bool(tag_cfg.get("quick_gelu", model_cfg.get("quick_gelu", False)))
     jit = path is not None and is_torchscript_archive(path)
-    with torch.random.fork_rng(devices=[]), _drop_random_init_warning(enabled=jit):
+    # The warning is noise for random weights asked for on purpose and for JIT files loaded below.
+    with torch.random.fork_rng(devices=[]), _drop_random_init_warning(enabled=jit or path is None):
         torch.manual_seed(RANDOM_INIT_SEED)
         model = open_clip.create_model(
             name, pretrained=None if jit else path, precision=precision, quick_gelu=quick_gelu

@@ -1,7 +1,16 @@
 """Built-in methods; importing this package registers them."""
 
-import importlib
-
+# Each method module registers itself on import.
+from anomalens.methods import (  # noqa: E402, F401
+    aa_clip,
+    anomalyclip,
+    april_gan,
+    core_clip,
+    crane,
+    inctrl,
+    patchcore,
+    winclip,
+)
 from anomalens.methods.base import (
     Method,
     Prediction,
@@ -13,16 +22,6 @@ from anomalens.methods.base import (
     load,
     register,
 )
-
-# Method modules; each registers itself on import.
-_MODULES = ("winclip", "april_gan", "patchcore", "anomalyclip", "aa_clip", "crane", "inctrl", "core_clip")
-
-for _name in _MODULES:
-    try:
-        importlib.import_module(f"anomalens.methods.{_name}")
-    except ModuleNotFoundError as _e:  # a method still being written in this tree
-        if _e.name != f"anomalens.methods.{_name}":
-            raise
 
 __all__ = [
     "Method",

@@ -325,6 +325,7 @@ class Method(nn.Module):
         os.close(fd)
         try:
             save_file(state, tmp, metadata={"anomalens": json.dumps(self.describe())})
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a model file is meant to be shared
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
