@@ -49,8 +49,7 @@ from anomalens.backbones import ClipBackbone, map_layer, map_layers
 from anomalens.data.types import Sample
 from anomalens.layers import BiasFreeProjection, NormMatchedResidualAdapter
 from anomalens.losses import dice_loss, focal_loss
-from anomalens.methods.base import DEFAULT, Method, Prediction, Stage, TrainBatch, TrainConfig, register
-from anomalens.methods.base import resolve_device as _resolve_device
+from anomalens.methods.base import Method, Prediction, Stage, TrainBatch, TrainConfig, register
 from anomalens.prompts import AA_CLIP, aa_clip_prompts, class_word, ensemble_text_features
 
 # Input side of the paper (ViT-L/14 at 518 gives a 37×37 patch grid); other backbones default to
@@ -399,27 +398,9 @@ class AACLIP(Method):
         return PAPER_IMAGE_SIZE if backbone.startswith("ViT-L-14") else None
 
     @classmethod
-    def build(
-        cls,
-        backbone: str | None = None,
-        pretrained: str | None = DEFAULT,
-        device: str = "auto",
-        **options: Any,
-    ) -> AACLIP:
-        """As `Method.build`, and the backbone gets the configured activation (``quick_gelu``)."""
-        from anomalens.backbones import load_clip
-
-        config = cls.make_config(**options)
-        name = backbone or cls.default_backbone
-        tag = cls.default_pretrained if pretrained == DEFAULT else pretrained
-        clip = load_clip(
-            name,
-            tag,
-            image_size=cls.image_size(config, name),
-            pos_interp=cls.pos_interp,
-            quick_gelu=config.quick_gelu,
-        )
-        return cls(config, clip).to(_resolve_device(device)).eval()
+    def backbone_options(cls, config: AACLIPConfig) -> dict[str, Any]:
+        """The backbone gets the configured activation (official AA-CLIP runs exact GELU)."""
+        return {"quick_gelu": config.quick_gelu}
 
     # ------------------------------------------------------------------ text
     def _text_parameters(self) -> list[nn.Parameter]:

@@ -182,6 +182,11 @@ class Method(nn.Module):
         return getattr(config, "image_size", None)
 
     @classmethod
+    def backbone_options(cls, config: Any) -> dict[str, Any]:
+        """Extra `load_clip` arguments a method derives from its config (e.g. ``quick_gelu``)."""
+        return {}
+
+    @classmethod
     def build(
         cls,
         backbone: str | None = None,
@@ -195,7 +200,13 @@ class Method(nn.Module):
         name = backbone or cls.default_backbone
         tag = cls.default_pretrained if pretrained == DEFAULT else pretrained
         dev = resolve_device(device)
-        clip = load_clip(name, tag, image_size=cls.image_size(config, name), pos_interp=cls.pos_interp)
+        clip = load_clip(
+            name,
+            tag,
+            image_size=cls.image_size(config, name),
+            pos_interp=cls.pos_interp,
+            **cls.backbone_options(config),
+        )
         method = cls(config, clip)
         return method.to(dev).eval()
 
