@@ -105,6 +105,16 @@ def test_parity_with_open_clip_tiny(bb, images, tokens):
     torch.testing.assert_close(bb.encode_text(tokens).norm(dim=-1), torch.ones(3))
 
 
+def test_post_norm_and_token_embeddings(bb, images, tokens):
+    out = bb.encode_image(images)
+    cls = bb.post_norm(out.final[:, 0]) @ bb.model.visual.proj
+    torch.testing.assert_close(cls, out.cls, atol=ATOL, rtol=0)
+    assert not torch.allclose(bb.post_norm(out.final), out.final)
+    emb = bb.token_embeddings(tokens)  # (C, L, text_width)
+    assert emb.shape == (*tokens.shape, bb.text_width)
+    torch.testing.assert_close(bb.encode_text(tokens, prompt_embeddings=emb), bb.encode_text(tokens))
+
+
 def test_parity_with_open_clip_vit_b16_random():
     vb = load_clip("ViT-B-16", None)
     assert (vb.depth, vb.width, vb.heads, vb.embed_dim, vb.grid) == (12, 768, 12, 512, (14, 14))

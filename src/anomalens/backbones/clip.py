@@ -314,6 +314,14 @@ class ClipBackbone(nn.Module):
         x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # (B, 1+N, D)
         return visual.ln_pre(x)
 
+    def post_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Visual tokens (..., width) through ``ln_post`` only (AA-CLIP projects with its own layers)."""
+        return self.model.visual.ln_post(tokens)
+
+    def token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (C, L) → the text tower's input embeddings (C, L, text_width), for learnable prompts."""
+        return self.model.token_embedding(tokens)
+
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """Visual tokens (..., width) → joint space (..., embed_dim): ``ln_post`` then ``@ proj``."""
         visual = self.model.visual

@@ -450,15 +450,11 @@ class AACLIP(Method):
         return torch.stack([self._anchor_cache[c] for c in class_names]).to(self.device)  # (B, 2, E)
 
     # ------------------------------------------------------------------ image
-    def _ln_post(self, tokens: torch.Tensor) -> torch.Tensor:
-        # The backbone exposes ln_post only fused with proj (`project`); AA-CLIP projects after ln_post.
-        return self.backbone.model.visual.ln_post(tokens)
-
     def visual_branch(self, images: torch.Tensor) -> VisualBranch:
         """Adapted image tower: per-tap unit-norm ``seg_proj`` features (or their Eq. 7 sum) and ``det``."""
         adapters = dict(zip(self.image_layers, self.image_adapters, strict=True))
         out = self.backbone.encode_image(images, layers=self.taps, adapters=adapters)
-        normed = [self._ln_post(out.tokens[i][:, 1:]) for i in self.taps]  # each (B, N, D)
+        normed = [self.backbone.post_norm(out.tokens[i][:, 1:]) for i in self.taps]  # each (B, N, D)
         patches = [
             F.normalize(proj(t), dim=-1) for proj, t in zip(self.seg_projectors, normed, strict=True)
         ]  # each (B, N, E)

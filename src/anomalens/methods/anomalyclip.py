@@ -118,7 +118,7 @@ class AnomalyCLIP(Method):
         )  # (2, L)
         self.register_buffer("prompt_tokens", tokens, persistent=False)
         with torch.no_grad():
-            embeddings = backbone.model.token_embedding(tokens)  # (2, L, text_width)
+            embeddings = backbone.token_embeddings(tokens)  # (2, L, text_width)
         self.register_buffer("token_embeddings", embeddings, persistent=False)
 
     def text_features(self) -> torch.Tensor:

@@ -390,7 +390,7 @@ class Crane(Method):
         n = self.config.n_ctx
         tokens = self.prompt_tokens  # (2, L)
         with torch.no_grad():
-            base = self.backbone.model.token_embedding(tokens)  # (2, L, Dt)
+            base = self.backbone.token_embeddings(tokens)  # (2, L, Dt)
         ctx = torch.stack([self.ctx_normal, self.ctx_anomalous]).to(base.dtype)  # (2, n, Dt)
         embeddings = torch.cat([base[:, :1], ctx, base[:, 1 + n :]], dim=1)  # (2, L, Dt)
         deep = {
