@@ -112,3 +112,16 @@ def test_unknown_option_is_named():
 def test_unknown_method_lists_available():
     with pytest.raises(ValueError, match="available"):
         al.create("nope", **TINY)
+
+
+def test_short_side_crop_maps_land_on_the_cropped_square():
+    from anomalens.methods.base import resize_maps
+
+    m = torch.arange(16, dtype=torch.float32).view(1, 4, 4) + 1.0
+    (wide,) = resize_maps(m, [(8, 16)], "short_side_crop")
+    (square,) = resize_maps(m, [(8, 8)], "squash")
+    assert wide.shape == (8, 16)
+    np.testing.assert_array_equal(wide[:, 4:12], square)  # the centred 8×8 the model saw
+    assert (wide[:, :4] == square.min()).all() and (wide[:, 12:] == square.min()).all()
+    (tall,) = resize_maps(m, [(12, 8)], "squash")
+    assert tall.shape == (12, 8)

@@ -246,7 +246,7 @@ class Method(nn.Module):
             x = self.backbone.preprocess(chunk, resize=self.resize).to(self.device)
             s, m = self.forward_batch(x, names[start : start + batch_size], ctx)
             scores.append(s.float().cpu())
-            maps.extend(resize_maps(m.float(), [a.shape[:2] for a in chunk]))
+            maps.extend(resize_maps(m.float(), [a.shape[:2] for a in chunk], self.resize))
         out_scores = torch.cat(scores).numpy().astype(np.float32)
         if len({m.shape for m in maps}) == 1:
             return Prediction(out_scores, np.stack(maps))
@@ -438,14 +438,33 @@ def broadcast_class_names(class_names: str | Sequence[str] | None, n: int) -> li
     return names
 
 
-def resize_maps(maps: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-    """Bilinearly resize each (h,w) map to its image's (H,W)."""
+def resize_maps(
+    maps: torch.Tensor, sizes: Sequence[tuple[int, int]], resize: str = "squash"
+) -> list[np.ndarray]:
+    """Bring each (h,w) model-resolution map back onto its image's (H,W) pixels.
+
+    "squash": bilinear resize to (H,W). "short_side_crop": the model saw the centred min(H,W) square,
+    so the map is resized to that square and placed there; pixels outside it were never seen and get
+    the map's minimum (the least anomalous value).
+    """
     out = []
-    for m, size in zip(maps, sizes, strict=True):
-        if tuple(m.shape) != tuple(size):
-            m = F.interpolate(m[None, None], size=tuple(size), mode="bilinear", align_corners=False)[0, 0]
-        out.append(m.cpu().numpy().astype(np.float32))
+    for m, (height, width) in zip(maps, sizes, strict=True):
+        if resize == "short_side_crop" and height != width:
+            side = min(height, width)
+            square = _bilinear(m, (side, side))
+            full = torch.full((height, width), float(square.min()), dtype=square.dtype, device=square.device)
+            top, left = (height - side) // 2, (width - side) // 2
+            full[top : top + side, left : left + side] = square
+        else:
+            full = _bilinear(m, (height, width))
+        out.append(full.cpu().numpy().astype(np.float32))
     return out
+
+
+def _bilinear(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(m.shape) == size:
+        return m
+    return F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
 
 
 def json_safe(value: Any) -> Any:
