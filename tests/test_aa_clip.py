@@ -310,9 +310,10 @@ def test_predict_map_is_the_blurred_tap_sum_and_set_scores(model):
     np.testing.assert_allclose(pred.maps, maps.numpy(), atol=1e-5)
     expected = set_level_scores(list(pred.maps), terms, medical=False)
     np.testing.assert_allclose(model.set_scores(pred, ["grain"] * 3), expected, atol=1e-6)
-    tampered = al.methods.Prediction(pred.scores + 1.0, pred.maps)
-    with pytest.raises(ValueError, match="predictions this model just made"):
-        model.set_scores(tampered, ["grain"] * 3)
+    np.testing.assert_allclose(pred.extras["image_term"], terms, atol=1e-6)
+    foreign = al.methods.Prediction(pred.scores, pred.maps)  # e.g. made by another method
+    with pytest.raises(ValueError, match="image_term"):
+        model.set_scores(foreign, ["grain"] * 3)
 
 
 def test_augmentation_keeps_image_and_mask_aligned_and_jitters_colour_in_stage_2_only(model):

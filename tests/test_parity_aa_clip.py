@@ -140,7 +140,7 @@ def test_maps_image_terms_and_set_scores_match(official, pair, monkeypatch):
         terms = ((det @ text)[:, 1] + 1) / 2
     prediction = ours.predict(images, "bottle", batch_size=3)
     np.testing.assert_allclose(prediction.maps, maps.numpy(), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(ours._recent_image_terms(prediction.scores), terms.numpy(), atol=1e-5)
+    np.testing.assert_allclose(prediction.extras["image_term"], terms.numpy(), atol=1e-5)
 
     captured = []
 

@@ -30,7 +30,6 @@ the first only).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import math
@@ -68,8 +67,6 @@ TRANSLATE = 0.15
 GEOMETRIC_P = 0.5
 JITTER_STRENGTH = 0.5
 JITTER_P = 0.7
-# Per-image records kept for `set_scores` (batches of the most recent `predict` calls).
-RECENT_BATCHES = 4096
 
 
 @dataclass(frozen=True)
@@ -386,9 +383,6 @@ class AACLIP(Method):
         self.det_projector = BiasFreeProjection(bb.width, bb.embed_dim, act=config.projector_act)
         self._anchor_cache: dict[str, torch.Tensor] = {}
         self._anchor_key: tuple[float, ...] | None = None
-        self._recent: collections.deque[tuple[np.ndarray, np.ndarray]] = collections.deque(
-            maxlen=RECENT_BATCHES
-        )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -487,25 +481,22 @@ class AACLIP(Method):
 
     def forward_batch(
         self, images: torch.Tensor, class_names: list[str], support: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image scores (B,) and maps (B, S, S); records image terms for `set_scores`."""
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-image scores (B,), maps (B, S, S) and the image-branch term `set_scores` needs."""
         anchors = self.frozen_anchors(class_names)  # (B, 2, E)
         branch = self.visual_branch(images)
         maps = self.anomaly_maps(branch.patches, anchors)  # (B, S, S)
         det_logits = anchor_logits(branch.det[:, None], anchors, 1.0)[:, 0]  # (B, 2)
         medical = self.config.domain == "medical"
         scores = per_image_score(maps.flatten(1).amax(dim=1), len(branch.patches), det_logits, medical)
-        terms = image_term(branch.det, anchors)  # (B,)
-        self._recent.append((scores.float().cpu().numpy(), terms.double().cpu().numpy()))
-        return scores, maps
+        return scores, maps, {"image_term": image_term(branch.det, anchors)}  # term (B,)
 
     def set_scores(self, prediction: Prediction, class_names: Sequence[str]) -> np.ndarray:
-        """Official table scores, per class over the evaluated set (`set_level_scores`).
-
-        ``prediction`` must be what this model's latest ``predict`` calls returned (any number of calls,
-        in order): the image terms are taken from their records, checked against the scores.
-        """
-        terms = self._recent_image_terms(np.asarray(prediction.scores, dtype=np.float32))
+        """Official table scores, per class over the evaluated set (`set_level_scores`), from the
+        maps and the image-branch terms of ``prediction`` (as returned by `predict`)."""
+        if "image_term" not in prediction.extras:
+            raise ValueError("aa-clip set_scores needs a Prediction made by aa-clip's predict (image_term)")
+        terms = prediction.extras["image_term"]
         maps = list(prediction.maps)
         names = list(class_names)
         out = np.zeros(len(names), dtype=np.float64)
@@ -518,22 +509,6 @@ class AACLIP(Method):
                 official_compat=self.config.official_compat,
             )
         return out
-
-    def _recent_image_terms(self, scores: np.ndarray) -> np.ndarray:
-        """Image terms recorded for the last ``len(scores)`` images, if their scores are ``scores``."""
-        n, count, parts = len(scores), 0, []
-        for part in reversed(self._recent):
-            if count >= n:
-                break
-            parts.append(part)
-            count += len(part[0])
-        recent = [np.concatenate(x)[-n:] for x in zip(*reversed(parts), strict=True)] if parts else None
-        if recent is None or len(recent[0]) != n or not np.array_equal(recent[0], scores):
-            raise ValueError(
-                "aa-clip set_scores needs the predictions this model just made (call predict on the "
-                "evaluated images right before, in order); got scores it did not produce"
-            )
-        return recent[1]
 
     # ------------------------------------------------------------------ training
     def training_stages(self) -> list[Stage]:

@@ -71,6 +71,9 @@ class Prediction:
 
     scores: np.ndarray
     maps: np.ndarray | list[np.ndarray]
+    # Per-image side outputs (name -> (B,) array) that a method's `set_scores` needs, e.g. AA-CLIP's
+    # image-branch term for its per-class min-max table score.
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -217,8 +220,9 @@ class Method(nn.Module):
     # ------------------------------------------------------------------ inference
     def forward_batch(
         self, images: torch.Tensor, class_names: list[str], support: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,3,S,S) normalised images → scores (B,) and maps (B,h,w) at any model resolution."""
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(B,3,S,S) normalised images → scores (B,), maps (B,h,w) at any model resolution and,
+        optionally, a dict of per-image (B,) extras (returned in `Prediction.extras`)."""
         raise NotImplementedError
 
     def prepare_support(self, images: torch.Tensor) -> Any:
@@ -240,17 +244,18 @@ class Method(nn.Module):
             raise ValueError(f"method {self.name!r} needs support=[K normal images of the class]")
         ctx = self._support_context(to_arrays(support, "support")) if support is not None else None
         self.eval()
-        scores, maps = [], []
+        scores, maps, extras = [], [], {}
         for start in range(0, len(arrays), batch_size):
             chunk = arrays[start : start + batch_size]
             x = self.backbone.preprocess(chunk, resize=self.resize).to(self.device)
-            s, m = self.forward_batch(x, names[start : start + batch_size], ctx)
+            s, m, *rest = self.forward_batch(x, names[start : start + batch_size], ctx)
+            for key, value in (rest[0] if rest else {}).items():
+                extras.setdefault(key, []).append(value.detach().double().cpu().numpy())
             scores.append(s.float().cpu())
             maps.extend(resize_maps(m.float(), [a.shape[:2] for a in chunk], self.resize))
         out_scores = torch.cat(scores).numpy().astype(np.float32)
-        if len({m.shape for m in maps}) == 1:
-            return Prediction(out_scores, np.stack(maps))
-        return Prediction(out_scores, maps)
+        out_maps = np.stack(maps) if len({m.shape for m in maps}) == 1 else maps
+        return Prediction(out_scores, out_maps, {k: np.concatenate(v) for k, v in extras.items()})
 
     def _support_context(self, arrays: list[np.ndarray]) -> Any:
         digest = hashlib.sha1()
