@@ -14,8 +14,9 @@ normal-only training (C.1), on two contextual sets:
   colour family of the background; training shows habitats as stripes (SS), the test shows them as
   checkers (CC, unseen subject-context combinations). The rule is visible in the pixels, so the
   compatibility of an unseen pair can be inferred from the seen ones.
-* `synthetic:contextual` (SS and CC test parts): its held-out pairs follow no visual rule, so nothing
-  learned from the seen pairs predicts them (see docs/methods/core-clip.md).
+* `synthetic:contextual` (SS and CC test parts): CC shows the same subject-context rule with the
+  contexts rendered in an unseen look ("mosaic"), so CC pairs are unseen combinations whose
+  compatibility follows the rule learned on SS (see docs/methods/core-clip.md).
 
 Both print a markdown table and write JSON (default benchmarks/results/core_clip_<command>.json).
 """

@@ -3,10 +3,8 @@ forward, the training stages, and learning on unseen subject-context pairs with 
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -435,22 +433,31 @@ def test_missing_subject_masks_warn_in_three_branch_mode():
 
 
 # ------------------------------------------------------------------------------------ learning
-def _habitat_writer():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_core_clip.py"
-    spec = importlib.util.spec_from_file_location("bench_core_clip", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _class_mean_auroc(method: CoReCLIP, dataset) -> float:
+    """Image AUROC per subject class, averaged over classes (the paper's Table 13)."""
+    samples = list(dataset)
+    pred = method.predict(np.stack([s.image for s in samples]), class_names=[s.class_name for s in samples])
+    labels, names = dataset.labels, np.array([s.class_name for s in samples])
+    return float(
+        np.mean([al.metrics.image_auroc(labels[names == c], pred.scores[names == c]) for c in set(names)])
+    )
 
 
-def test_learns_unseen_subject_context_pairs(tmp_path):
-    """N-shot training on SS pairs lifts image AUROC on the CC pairs (unseen subject-context combinations)."""
-    bench = _habitat_writer()
-    root = bench.write_habitat_dataset(tmp_path / "habitats", n=16, size=SIZE)
-    train = al.data.load(f"contextual:{root}", split="train")
-    cc = bench.part(al.data.load(f"contextual:{root}", split="test"), "CC")
+def test_learns_unseen_subject_context_pairs(tmp_path, monkeypatch):
+    """N-shot training on the SS pairs of `synthetic:contextual` lifts image AUROC on its CC pairs (every
+    subject-context combination unseen in training)."""
+    monkeypatch.setenv("ANOMALENS_CACHE", str(tmp_path / "cache"))
+    source = f"synthetic:contextual?n=8&size={SIZE}&test=cc"
+    train = al.data.load(source, split="train")
+    cc = al.data.load(source, split="test")
+    assert {dict(r.meta)["split"] for r in cc.records} == {"CC"}
     m = _model()
-    before = bench.class_mean_auroc(m, cc)
-    m.fit(balanced_subset(train, 8, seed=0), seed=0, progress=False, **bench.TRAINING)
-    after = bench.class_mean_auroc(m, cc)
-    assert after >= 0.9 and after >= before + 0.2, (before, after)
+    before = _class_mean_auroc(m, cc)
+    m.fit(
+        balanced_subset(train, 8, seed=0),
+        seed=0,
+        progress=False,
+        **{"text.lr": 1e-3, "image.lr": 1e-2, "image.epochs": 30},
+    )
+    after = _class_mean_auroc(m, cc)
+    assert after >= 0.65 and after >= before + 0.15, (before, after)

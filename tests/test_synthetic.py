@@ -7,7 +7,7 @@ import pytest
 
 from anomalens.data import synthetic
 from anomalens.data.synthetic import (
-    CC_COMBOS,
+    APPEARANCES,
     COMPATIBLE,
     CONTEXTS,
     DEFECT_CLASSES,
@@ -16,7 +16,9 @@ from anomalens.data.synthetic import (
     MIN_DEFECT_AREA,
     SUBJECTS,
     apply_defects,
+    contexts_for,
     load_synthetic,
+    mosaic,
     render_context,
     render_normal,
     render_subject,
@@ -120,29 +122,36 @@ def test_interrupted_generation_leaves_no_cache(cache, monkeypatch):
     assert len(load_synthetic("contextual", SMALL, "test", None)) == 4 * 4 * len(SUBJECTS)
 
 
-def test_compatibility_table_and_held_out_pairs():
+def test_compatibility_table_and_appearances():
     for subject in SUBJECTS:
         compatible = set(COMPATIBLE[subject])
-        held_out = set(CC_COMBOS[subject])
-        assert held_out & compatible and held_out - compatible  # CC has normal and anomalous pairs
-        seen = set(CONTEXTS) - held_out
-        assert seen & compatible and seen - compatible  # so has SS
+        assert compatible and compatible < set(CONTEXTS)  # every subject has normal and anomalous contexts
+        assert set(contexts_for(subject, 0)) == compatible
+        assert set(contexts_for(subject, 1)) == set(CONTEXTS) - compatible
     for context in CONTEXTS:  # no context is normal (or anomalous) for every subject
         assert 0 < sum(context in COMPATIBLE[s] for s in SUBJECTS) < len(SUBJECTS)
+    assert set(APPEARANCES) == {"SS", "CC"} and len(set(APPEARANCES.values())) == 2
+
+
+def test_mosaic_keeps_colours_and_changes_texture():
+    backgrounds = render_context("water", 3, 64, np.random.default_rng(0))
+    cc = mosaic(backgrounds)
+    assert cc.shape == backgrounds.shape and cc.dtype == np.uint8
+    assert np.abs(cc.astype(float).mean(axis=(1, 2)) - backgrounds.mean(axis=(1, 2))).max() < 3
+    assert (cc != backgrounds).any(axis=-1).mean() > 0.5
 
 
 def test_contextual_labels_masks_and_splits():
     train = load_synthetic("contextual", SMALL, "train", None)
     test = load_synthetic("contextual", SMALL, "test", None)
     assert train.class_names == test.class_names == sorted(SUBJECTS)
-    train_pairs = {(s.meta["subject"], s.meta["context"]) for s in train}
+    train_pairs = {(s.meta["subject"], s.meta["context"], s.meta["appearance"]) for s in train}
     assert {s.meta["split"] for s in train} == {"SS"}
     assert len(train) == 8 * len(SUBJECTS) and train.labels.sum() == 4 * len(SUBJECTS)
     for s in [*train, *test]:
         assert s.class_name == s.meta["subject"]
         assert s.label == int(s.meta["context"] not in COMPATIBLE[s.class_name])
-        held_out = s.meta["context"] in CC_COMBOS[s.class_name]
-        assert s.meta["split"] == ("CC" if held_out else "SS")
+        assert s.meta["appearance"] == APPEARANCES[s.meta["split"]]
         assert s.subject_mask.dtype == bool and 0.05 < s.subject_mask.mean() < 0.6
         if s.label:
             assert np.array_equal(s.mask, s.subject_mask)
@@ -150,7 +159,10 @@ def test_contextual_labels_masks_and_splits():
             assert s.mask is None
     cc = [s for s in test if s.meta["split"] == "CC"]
     assert {s.label for s in cc} == {0, 1}
-    assert not {(s.meta["subject"], s.meta["context"]) for s in cc} & train_pairs
+    cc_pairs = {(s.meta["subject"], s.meta["context"], s.meta["appearance"]) for s in cc}
+    assert not cc_pairs & train_pairs  # every CC combination is unseen in training
+    # ... yet each CC subject meets every context it met in training, with the same label rule
+    assert {p[:2] for p in cc_pairs} == {p[:2] for p in train_pairs}
     only_cc = load_synthetic("contextual", {**SMALL, "test": "cc"}, "test", ["cow"])
     assert {(s.meta["split"], s.class_name) for s in only_cc} == {("CC", "cow")}
 

@@ -9,8 +9,11 @@ Two kinds, both deterministic for a seed, rendered with vectorised numpy and cac
   other pixel is unchanged. Train = normal only (as MVTec AD), test = normal + anomalous.
 * ``contextual``: subjects (boat, car, cow, bird, plane) pasted on textured contexts (water, road,
   grass, sky, sand, snow). `COMPATIBLE` says where a subject belongs; the label depends only on the
-  pair. `CC_COMBOS` holds out one compatible and two incompatible contexts per subject: those pairs only
-  appear in the "CC" test part (cross-context, paper 000), the others in "SS" train and test.
+  pair, and the rule is visible in the pixels: each context has its own colours. Contexts come in two
+  appearances (`APPEARANCES`): "natural" in the SS parts (train and test) and "mosaic" (the same colours
+  with blocks of the texture turned and shaded in a checker) in the "CC" test part (cross-context,
+  paper 000), so every CC subject-context combination is unseen in training while its compatibility
+  follows from the seen ones.
 
 The cache lives under ``$ANOMALENS_CACHE/synthetic/<kind>-<hash>/`` (default ``~/.cache/anomalens``),
 one folder per set of generation parameters. It is written into a temporary sibling folder and renamed
@@ -39,7 +42,7 @@ from anomalens.data.types import DataError, Dataset, Record
 
 CACHE_ENV = "ANOMALENS_CACHE"
 # Bump when rendering changes, so that caches written by older code are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLITS = ("train", "test", "all")
 
 # Generation parameters (they select the cache folder) and their defaults, per kind.
@@ -286,24 +289,35 @@ COMPATIBLE: dict[str, tuple[str, ...]] = {
     "bird": ("sky", "grass"),
     "plane": ("sky", "road"),
 }
-# Held-out pairs (one compatible, two incompatible per subject): seen only in the CC test part.
-CC_COMBOS: dict[str, tuple[str, ...]] = {
-    "boat": ("sand", "road", "snow"),
-    "car": ("snow", "water", "grass"),
-    "cow": ("snow", "road", "sky"),
-    "bird": ("grass", "water", "snow"),
-    "plane": ("road", "grass", "sand"),
-}
+# Appearance of the contexts per split part: the CC part shows every context in an appearance never seen
+# in training, so each of its subject-context combinations is held out while the colour rule carries over.
+APPEARANCES = {"SS": "natural", "CC": "mosaic"}
+MOSAIC_BLOCKS = 4  # blocks per side of the CC appearance
+MOSAIC_SHADE = 12  # grey levels added to / taken from alternate blocks
 
 
-def contexts_for(subject: str, part: str, label: int) -> list[str]:
-    """Contexts of a subject in a split part ("SS" or "CC") with the given label (0 compatible)."""
-    held_out = CC_COMBOS[subject]
-    return [
-        c
-        for c in CONTEXTS
-        if (c in COMPATIBLE[subject]) == (label == 0) and (c in held_out) == (part == "CC")
-    ]
+def contexts_for(subject: str, label: int) -> list[str]:
+    """Contexts of a subject with the given label (0 compatible), in `CONTEXTS` order."""
+    return [c for c in CONTEXTS if (c in COMPATIBLE[subject]) == (label == 0)]
+
+
+def mosaic(backgrounds: np.ndarray) -> np.ndarray:
+    """The CC appearance: alternate blocks of each background transposed, blocks shaded in a checker.
+
+    Every pixel keeps a colour of its own background (± `MOSAIC_SHADE`), so the colour of a context is
+    preserved, but oriented textures (waves, lanes, streaks, ripples, the sky's gradient) are broken up.
+    """
+    n, size = backgrounds.shape[0], backgrounds.shape[1]
+    b = size // MOSAIC_BLOCKS
+    k = b * MOSAIC_BLOCKS
+    out = backgrounds.astype(np.float64)
+    blocks = out[:, :k, :k].reshape(n, MOSAIC_BLOCKS, b, MOSAIC_BLOCKS, b, 3)
+    checker = (np.add.outer(np.arange(MOSAIC_BLOCKS), np.arange(MOSAIC_BLOCKS)) % 2).astype(bool)
+    turned = blocks.transpose(0, 1, 4, 3, 2, 5)  # each block's rows and columns swapped
+    blocks = np.where(checker[None, :, None, :, None, None], turned, blocks)
+    shade = np.where(checker, MOSAIC_SHADE, -MOSAIC_SHADE)[None, :, None, :, None, None]
+    out[:, :k, :k] = (blocks + shade).reshape(n, k, k, 3)
+    return np.rint(np.clip(out, 0, 255)).astype(np.uint8)
 
 
 def render_context(context: str, n: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -428,12 +442,14 @@ def _write_contextual(folder: Path, n: int, size: int, seed: int) -> None:
         for pi, (set_name, part) in enumerate(parts):
             for label in (0, 1):
                 rng = np.random.default_rng([seed, si, pi, label])
-                options = contexts_for(subject, part, label)
+                options = contexts_for(subject, label)
                 contexts = [options[i % len(options)] for i in range(n)]
                 backgrounds = np.empty((n, size, size, 3), dtype=np.uint8)
                 for context in options:
                     chosen = np.array([c == context for c in contexts])
                     backgrounds[chosen] = render_context(context, int(chosen.sum()), size, rng)
+                if part == "CC":
+                    backgrounds = mosaic(backgrounds)
                 images, masks = render_subject(subject, backgrounds, rng)
                 for i, (image, mask, context) in enumerate(zip(images, masks, contexts, strict=True)):
                     stem = f"{set_name}-{part}/{subject}-{'anomalous' if label else 'normal'}-{i:03d}"
@@ -445,6 +461,7 @@ def _write_contextual(folder: Path, n: int, size: int, seed: int) -> None:
                             "subject_mask": f"subject_masks/{stem}.png",
                             "class": subject,
                             "context": context,
+                            "appearance": APPEARANCES[part],
                             "label": label,
                             "split": part,
                             "set": set_name,
