@@ -296,7 +296,7 @@ def test_missing_dino_weights_fail_fast(tmp_path, monkeypatch):
         monkeypatch.setenv(var, str(tmp_path / var))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
-    with pytest.raises(WeightsUnavailableError, match="use_dattn=False"):
+    with pytest.raises(WeightsUnavailableError, match="dino_pretrained=.*use_dattn=False"):
         al.create("crane", use_dattn=True, **TINY)
     assert time.perf_counter() - start < 10
 

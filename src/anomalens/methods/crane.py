@@ -378,8 +378,9 @@ class Crane(Method):
                 resolve_timm_pretrained(config.dino, _dino_weights(config))
             except WeightsUnavailableError as e:
                 raise WeightsUnavailableError(
-                    f"Crane+ (use_dattn=True) needs DINO weights: {e} Or use use_dattn=False (Crane "
-                    f"without D-Attn), which needs no DINO."
+                    f"Crane+ (use_dattn=True) needs DINO weights: {e} For DINO give the file as "
+                    f"dino_pretrained=/path (CLI: --set dino_pretrained=/path). Or use use_dattn=False "
+                    f"(Crane without D-Attn), which needs no DINO."
                 ) from None
         return super().build(backbone, pretrained, device, **options)
 
