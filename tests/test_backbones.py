@@ -232,12 +232,24 @@ def test_image_adapters(bb, images):
 def test_text_adapters(bb, tokens):
     rec = Recorder(0.5)
     out = bb.encode_text(tokens, adapters={3: rec}, normalize=False)
-    assert rec.seen[0].shape == (3, 77, bb.text_width)
+    # positions after the last EOT are dropped (causal attention: they cannot reach any EOT token)
+    assert rec.seen[0].shape == (3, int(tokens.argmax(-1).max()) + 1, bb.text_width)
     assert not torch.allclose(out, bb.encode_text(tokens, normalize=False))
     zero = ZeroResidual(bb.text_width)
     torch.testing.assert_close(
         bb.encode_text(tokens, adapters={1: zero}), bb.encode_text(tokens), atol=ATOL, rtol=0
     )
+
+
+def test_text_truncation_is_exact_with_adapters_and_deep_prompts(bb):
+    torch.manual_seed(0)
+    adapter = nn.Sequential(nn.Linear(bb.text_width, bb.text_width), nn.Tanh())
+    deep = {2: torch.randn(4, bb.text_width), 3: torch.randn(4, bb.text_width)}
+    short = bb.tokenize(["x"])  # EOT at position 2: encoded on max(3, 1 + 4) positions alone
+    long = bb.tokenize(["a much longer prompt that keeps many more positions of the sequence"])
+    alone = bb.encode_text(short, adapters={1: adapter}, deep_prompts=deep)
+    batched = bb.encode_text(torch.cat([short, long]), adapters={1: adapter}, deep_prompts=deep)
+    torch.testing.assert_close(alone[0], batched[0], atol=ATOL, rtol=0)
 
 
 # ---------------------------------------------------------------- attention overrides

@@ -506,12 +506,20 @@ class ClipBackbone(nn.Module):
                 )
             x = prompt_embeddings
         x = x.to(cast) + model.positional_embedding.to(cast)  # (C, L, Dt)
+        attn_mask = model.attn_mask
+        if attn_mask is not None and model.text_pool_type == "argmax":
+            # Causal attention: positions after the last EOT never reach an EOT token, so dropping them
+            # changes nothing (adapters act per token) and saves most of the 77-token cost.
+            keep = max(
+                [int(tokens.argmax(dim=-1).max()) + 1] + [1 + p.shape[-2] for p in deep_prompts.values()]
+            )
+            x, tokens, attn_mask = x[:, :keep], tokens[:, :keep], attn_mask[:keep, :keep]
         for i, block in enumerate(model.transformer.resblocks, start=1):
             if i in deep_prompts:
                 prompt = deep_prompts[i].to(x.dtype)
                 prompt = prompt.expand(x.shape[0], -1, -1) if prompt.ndim == 2 else prompt  # (C, n, Dt)
-                x = torch.cat([x[:, :1], prompt, x[:, 1 + prompt.shape[1] :]], dim=1)  # (C, L, Dt)
-            x = self._run_block(block, x, attn_mask=model.attn_mask)
+                x = torch.cat([x[:, :1], prompt, x[:, 1 + prompt.shape[1] :]], dim=1)  # (C, L', Dt)
+            x = self._run_block(block, x, attn_mask=attn_mask)
             if i in adapters:
                 x = adapters[i](x)
         x = model.ln_final(x)  # (C, L, Dt)
