@@ -617,14 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_names, help="comma-separated methods (default all)")
     p.add_argument("--backbone", help="backbone for every method (default each method's)")
     p.add_argument("--pretrained", type=_pretrained, default="default", help="'none' = random weights")
-    p.add_argument(
-        "--set",
-        dest="options",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="option for every benchmarked method (repeatable)",
-    )
+    _set_option(p, "option for every benchmarked method (repeatable)")
     p.add_argument("--batch-sizes", type=_ints, default=[1, 8])
     p.add_argument("--image-size", type=int, default=512, help="side of the synthetic input images")
     p.add_argument("--iters", type=int, default=10, help="timed batches per configuration")
@@ -668,14 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output model file (.anomalens)")
     p.add_argument("--backbone", help="backbone name (default: the method's)")
     p.add_argument("--pretrained", type=_pretrained, default="default", help="'none' = random weights")
-    p.add_argument(
-        "--set",
-        dest="options",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="method/converter option, e.g. configuration=crane+ for Crane (repeatable)",
-    )
+    _set_option(p, "method/converter option, e.g. configuration=crane+ for Crane (repeatable)")
 
     for name, what in NOT_YET.items():
         command(name, cmd_not_yet, f"not available yet (lands with {what})")
@@ -737,6 +723,11 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("--quiet", action="store_true", default=default(False), help="no progress bars")
 
 
+def _set_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """The repeatable ``--set KEY=VALUE`` method-option flag (parsed by `_parse_options`)."""
+    parser.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def _model_options(parser: argparse.ArgumentParser, checkpoint: bool = True) -> None:
     if checkpoint:
         parser.add_argument("--checkpoint", help="a saved model (.anomalens)")
@@ -748,14 +739,7 @@ def _model_options(parser: argparse.ArgumentParser, checkpoint: bool = True) -> 
         default="default",
         help="open_clip tag, 'openai', a weights file, or 'none' for random weights",
     )
-    parser.add_argument(
-        "--set",
-        dest="options",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="method option (JSON value or string; repeatable)",
-    )
+    _set_option(parser, "method option (JSON value or string; repeatable)")
 
 
 def _model(args: argparse.Namespace, allow_checkpoint: bool = True, allow_method: bool = True) -> Method:
