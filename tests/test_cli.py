@@ -323,6 +323,19 @@ def test_train_writes_a_checkpoint_that_eval_loads(capsys, mvtec_root, tmp_path)
     ]
 
 
+def test_train_normal_only_drops_anomalous_images(capsys, mvtec_root, tmp_path):
+    import anomalens.data as al_data
+
+    test = al_data.load(f"mvtec:{mvtec_root}", "test", ["bottle"])
+    n_normal = int((test.labels == 0).sum())
+    assert 0 < n_normal < len(test)
+    argv = ["train", "--method", "april-gan", "--backbone", "test-tiny", "--pretrained", "none"]
+    argv += ["--set", "image_size=32", "--data", f"mvtec:{mvtec_root}", "--classes", "bottle"]
+    code, out, err = run(capsys, *argv, "--normal-only", "--epochs", "1", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert f"trained april-gan on mvtec ({n_normal} images)" in out
+
+
 def test_demo_trains_evaluates_and_reports_honestly(capsys, tmp_path, monkeypatch):
     from anomalens import cli
 

@@ -78,6 +78,13 @@ def test_set_column_explicit_mask_and_extra_fields(tmp_path):
     assert explicit.subject_mask is None and explicit.mask.sum() == 8
     assert np.array_equal(default.mask, default.subject_mask)
     assert explicit.meta["prompt"] == "p2"
+    # SS→CC protocol: `contextual:<dir>?part=cc` keeps only the cross-context rows
+    import anomalens.data as al_data
+
+    assert [s.meta["split"] for s in al_data.load(f"contextual:{tmp_path}?part=cc", "test")] == ["CC"]
+    assert [s.meta["split"] for s in al_data.load(f"contextual:{tmp_path}?part=ss", "all")] == ["SS", "SS"]
+    with pytest.raises(al_data.DataError, match="part must be"):
+        al_data.load(f"contextual:{tmp_path}?part=xx", "test")
 
 
 def test_json_manifest(tmp_path):

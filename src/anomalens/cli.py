@@ -312,6 +312,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = _model(args, allow_checkpoint=False)
     if args.shots is not None:
         dataset = al_data.balanced_subset(dataset, args.shots, seed=args.seed)
+    if args.normal_only:
+        dataset = al_data.normal_only(dataset)
     overrides = _parse_options(args.train_options, "--train-set")
     given = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
     overrides |= {k: v for k, v in given.items() if v is not None}
@@ -582,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--shots", type=_shots_or_full, help="N normal + N anomalous images per class, or 'full'")
     p.add_argument("--stages", type=_names, help="comma-separated training stages to run (default all)")
+    p.add_argument(
+        "--normal-only", action="store_true", help="train on the normal images only (CoRe-CLIP C.1 protocol)"
+    )
     p.add_argument(
         "--train-set",
         dest="train_options",

@@ -143,11 +143,12 @@ def _load_lazy(
 
         return load_synthetic(path, params, split, classes)
     if kind == "contextual":
-        if params:
-            raise DataError(f"contextual:{path} takes no options, got {', '.join(sorted(params))}")
+        unknown = sorted(set(params) - {"part"})
+        if unknown:
+            raise DataError(f"contextual:{path} takes only the option 'part', got {', '.join(unknown)}")
         from anomalens.data.contextual import load_contextual
 
-        return load_contextual(path, split, classes)
+        return load_contextual(path, split, classes, part=params.get("part"))
     from anomalens.data.classic import load_cifar10, load_mnist
 
     return (load_mnist if kind == "mnist" else load_cifar10)(path, split, classes, params)

@@ -42,11 +42,20 @@ SETS = ("train", "test")
 SPLITS = ("train", "test", "all")
 
 
-def load_contextual(root: str, split: str = "test", classes: Sequence[str] | None = None) -> Dataset:
-    """Read a `contextual:<root>` dataset (format in the module docstring)."""
-    return Dataset(
-        f"contextual:{root}", select_records(read_manifest(root), split, classes, root), decode_record
-    )
+def load_contextual(
+    root: str, split: str = "test", classes: Sequence[str] | None = None, part: str | None = None
+) -> Dataset:
+    """Read a `contextual:<root>` dataset (format in the module docstring).
+
+    part: "ss" or "cc" keeps only the seen-context or cross-context rows (``contextual:<root>?part=cc``
+    evaluates the SS→CC protocol); None keeps both.
+    """
+    records = select_records(read_manifest(root), split, classes, root)
+    if part is not None:
+        if part.upper() not in ("SS", "CC"):
+            raise DataError(f"contextual:{root}: part must be 'ss' or 'cc', got {part!r}")
+        records = [r for r in records if dict(r.meta).get("split") == part.upper()]
+    return Dataset(f"contextual:{root}", records, decode_record)
 
 
 def read_manifest(root: str | os.PathLike) -> list[Record]:
