@@ -24,7 +24,6 @@ Both print a markdown table and write JSON (default benchmarks/results/core_clip
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import platform
 import statistics
@@ -37,6 +36,7 @@ from PIL import Image
 
 import anomalens as al
 from anomalens.data import Dataset, balanced_subset, normal_only
+from anomalens.data.contextual import write_manifest
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -120,10 +120,7 @@ def write_habitat_dataset(root: str | Path, n: int = 16, size: int = 64, seed: i
                             "set": set_name,
                         }
                     )
-    with open(root / "manifest.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_manifest(root, rows)
     return root
 
 

@@ -75,6 +75,16 @@ def read_manifest(root: str | os.PathLike) -> list[Record]:
     return [_record(root, manifest, i, row) for i, row in enumerate(rows, start=1)]
 
 
+def write_manifest(root: str | os.PathLike, rows: Sequence[dict[str, object]]) -> Path:
+    """Write `rows` (one dict per image, the fields above) as `<root>/manifest.csv`."""
+    path = Path(root) / MANIFESTS[0]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def select_records(
     records: Sequence[Record], split: str, classes: Sequence[str] | None, source: str | os.PathLike
 ) -> list[Record]:

@@ -23,7 +23,6 @@ MVTec AD (``mvtec:<folder>`` reads it too); a contextual cache is a ``contextual
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -36,7 +35,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from anomalens.data.contextual import read_manifest, select_records
+from anomalens.data.contextual import read_manifest, select_records, write_manifest
 from anomalens.data.io import decode_record
 from anomalens.data.types import DataError, Dataset, Record
 
@@ -467,10 +466,7 @@ def _write_contextual(folder: Path, n: int, size: int, seed: int) -> None:
                             "set": set_name,
                         }
                     )
-    with open(folder / "manifest.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_manifest(folder, rows)
 
 
 # --- loading and the cache ---------------------------------------------------------------------------
