@@ -27,6 +27,7 @@ from anomalens.methods.crane import (
     similarity_logits,
 )
 from anomalens.metrics import image_auroc, pixel_auroc
+from helpers import differ
 
 SIZE = 64
 TINY = {"backbone": "test-tiny", "pretrained": None, "device": "cpu", "image_size": SIZE}
@@ -88,7 +89,7 @@ def test_dattn_mean_per_image_vs_batch():
     both = torch.cat([sim, other])
     torch.testing.assert_close(dattn_weights(both)[0], dattn_weights(sim)[0])
     assert dattn_weights(sim)[0, 0, 1].tolist() == [0.0, 1.0, 0.0]
-    assert not torch.allclose(dattn_weights(both, mean="batch")[0], dattn_weights(sim)[0])
+    assert differ(dattn_weights(both, mean="batch")[0], dattn_weights(sim)[0])
 
 
 def test_similarity_logits_eq1():
@@ -188,7 +189,7 @@ def test_branches_of_each_configuration(make, images):
 
 def test_eattn_taps_snapshots_and_official_aliasing(make, images):
     snapshots = make().visual_features(images).branches
-    assert not torch.allclose(snapshots[0], snapshots[-1], atol=1e-3)
+    assert differ(snapshots[0], snapshots[-1])
     aliased = make(official_compat=True).visual_features(images).branches
     for z in aliased:
         torch.testing.assert_close(z, snapshots[-1])
@@ -203,7 +204,7 @@ def test_attention_variants_are_distinct(make, images):
     names = sorted(feats)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            assert not torch.allclose(feats[a], feats[b], atol=1e-4), (a, b)
+            assert differ(feats[a], feats[b]), (a, b)
     torch.testing.assert_close(
         make(attn_variant="qq+kk+vv", layers=(24,)).visual_features(images).branches[0], feats["qkv"]
     )
@@ -218,8 +219,8 @@ def test_dattn_official_compat_is_batch_dependent(make, images):
     torch.testing.assert_close(alone[0], batch[0], atol=1e-5, rtol=1e-5)
     compat_batch = compat.visual_features(images).branches[0]
     compat_alone = compat.visual_features(images[:1]).branches[0]
-    assert not torch.allclose(compat_alone[0], compat_batch[0], atol=1e-5)
-    assert not torch.allclose(compat_alone[0], alone[0], atol=1e-4)  # mid-block values
+    assert differ(compat_alone[0], compat_batch[0])
+    assert differ(compat_alone[0], alone[0])  # mid-block values
 
 
 def test_score_pooling_switch(make, images):
@@ -232,13 +233,13 @@ def test_score_pooling_switch(make, images):
     torch.testing.assert_close(scores, expected)
     official, _ = make().forward_batch(images, ["object"] * 3, None)
     paper, _ = make(score_pooling="paper").forward_batch(images, ["object"] * 3, None)
-    assert not torch.allclose(official, scores, atol=1e-5) and not torch.allclose(paper, official, atol=1e-5)
+    assert differ(official, scores) and differ(paper, official)
 
 
 def test_soft_mean_switch_changes_maps(make, images):
     _, soft = make().forward_batch(images, ["object"] * 3, None)
     _, hard = make(soft_mean=False).forward_batch(images, ["object"] * 3, None)
-    assert soft.shape == (3, SIZE, SIZE) and not torch.allclose(soft, hard, atol=1e-5)
+    assert soft.shape == (3, SIZE, SIZE) and differ(soft, hard)
 
 
 def test_image_context_in_prompts(make, images):
@@ -248,11 +249,11 @@ def test_image_context_in_prompts(make, images):
         static, conditioned = m.text_features(None), m.text_features(g_i)
         after_name = make(context_position="after_name").text_features(g_i)
     assert static.shape == (1, 2, 64) and conditioned.shape == (3, 2, 64)
-    assert not torch.allclose(conditioned[0], conditioned[1], atol=1e-5)
-    assert not torch.allclose(conditioned, after_name, atol=1e-5)
+    assert differ(conditioned[0], conditioned[1])
+    assert differ(conditioned, after_name)
     off, _ = m.forward_batch(images, ["object"] * 3, None)
     on, _ = make(context_at_test=True).forward_batch(images, ["object"] * 3, None)
-    assert not torch.allclose(off, on, atol=1e-6)
+    assert differ(off, on)
 
 
 # ---------------------------------------------------------------------- training
