@@ -14,6 +14,7 @@ from anomalens.backbones.registry import (
     list_backbones,
     map_layer,
     map_layers,
+    register_clip_configs,
     resolve_device,
     resolve_pretrained,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "load_dino",
     "map_layer",
     "map_layers",
+    "register_clip_configs",
     "resolve_device",
     "resolve_pretrained",
     "window_indices",

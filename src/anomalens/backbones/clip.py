@@ -45,6 +45,7 @@ from anomalens.backbones.registry import (
     is_random,
     is_torchscript_archive,
     map_layers,
+    register_clip_configs,
     resolve_device,
     resolve_pretrained,
 )
@@ -575,6 +576,7 @@ def load_clip(
             the config's value otherwise). AA-CLIP's official code runs OpenAI weights with exact GELU
             (``quick_gelu=False``).
     """
+    register_clip_configs()
     if name not in open_clip.list_models():
         raise ValueError(
             f"unknown CLIP backbone {name!r}; e.g. ViT-B-16, ViT-B-16-plus-240, ViT-L-14-336, test-tiny"

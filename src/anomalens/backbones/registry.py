@@ -1,7 +1,9 @@
 """Backbone names, the package's test configs, layer mapping, preprocessing constants and weight lookup.
 
-Importing this module registers the ``test-tiny`` open_clip config shipped in ``anomalens/resources``
-(ViT-B/16 structure at width 64, 4 visual/text layers), so ``open_clip.create_model("test-tiny")`` works.
+`register_clip_configs()` adds the open_clip model configs shipped in ``anomalens/resources``
+(``test-tiny``: ViT-B/16 structure at width 64, 4 visual/text layers) to open_clip's global table on first
+use, not at import, so importing anomalens changes no other library's state; after it
+``open_clip.create_model("test-tiny")`` works.
 ``test-tiny-dino`` is a tiny DINOv2-style timm ViT described by ``resources/test-tiny-dino.json``.
 
 Weights are resolved *before* any model is built, and resolution fails fast: no pretrained CLIP or
@@ -10,6 +12,7 @@ DINOv2 weights can be downloaded on CI, so a missing weight file must cost secon
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -49,7 +52,15 @@ RANDOM_INIT_SEED = 0
 # DINOv2 input normalisation (ImageNet statistics).
 DINO_MEAN, DINO_STD = IMAGENET_MEAN, IMAGENET_STD
 
-open_clip.add_model_config(RESOURCES / f"{TEST_TINY}.json")
+# open_clip model configs shipped in resources/ (timm configs such as test-tiny-dino are not among them).
+CLIP_CONFIGS = (TEST_TINY,)
+
+
+@functools.cache
+def register_clip_configs() -> None:
+    """Add the package's open_clip configs (`CLIP_CONFIGS`) to open_clip's model table, once."""
+    for name in CLIP_CONFIGS:
+        open_clip.add_model_config(RESOURCES / f"{name}.json")
 
 
 class WeightsUnavailableError(RuntimeError):
