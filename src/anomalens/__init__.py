@@ -18,6 +18,7 @@ _LAZY = {
     "list_methods": "anomalens.methods",
     "load": "anomalens.methods",
     "data": "anomalens.data",
+    "methods": "anomalens.methods",
     "metrics": "anomalens.metrics",
 }
 
