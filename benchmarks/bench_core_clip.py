@@ -146,6 +146,7 @@ def class_mean_auroc(method: al.methods.Method, dataset: Dataset) -> float:
 # Variants of the ablation: method options and the training subset.
 VARIANTS = {
     "full (s+c+g, CRM)": ({}, "balanced"),
+    "full, Eq. 25 on ×100 logits": ({"fuse_cons_space": "logits"}, "balanced"),
     "global branch only": ({"branches": ("g",)}, "balanced"),
     "normal-only training": ({}, "normal"),
 }

@@ -336,6 +336,23 @@ def test_train_normal_only_drops_anomalous_images(capsys, mvtec_root, tmp_path):
     assert f"trained april-gan on mvtec ({n_normal} images)" in out
 
 
+def test_train_shots_follow_the_method_and_amp_is_opt_in(capsys, mvtec_root, tmp_path):
+    """AA-CLIP's 2-shot is one normal + one anomalous image per class (paper §4.1); fp32 unless --amp."""
+    argv = ["train", "--method", "aa-clip", "--backbone", "test-tiny", "--pretrained", "none"]
+    argv += ["--set", "image_size=64", "--data", f"mvtec:{mvtec_root}", "--classes", "bottle"]
+    argv += ["--epochs", "1", "--stages", "image"]
+    code, out, err = run(capsys, *argv, "--shots", "2", "--out", str(tmp_path / "fp32"))
+    assert code == 0, err
+    assert "trained aa-clip on mvtec (2 images)" in out
+    start = json.loads((tmp_path / "fp32" / "train_log.jsonl").read_text().splitlines()[0])
+    assert start["configs"]["image"]["amp"] is False
+    code, out, err = run(capsys, *argv, "--shots", "2", "--amp", "--out", str(tmp_path / "amp"))
+    start = json.loads((tmp_path / "amp" / "train_log.jsonl").read_text().splitlines()[0])
+    assert code == 0 and start["configs"]["image"]["amp"] is True
+    code, _, err = run(capsys, *argv, "--shots", "3", "--out", str(tmp_path / "odd"))
+    assert code != 0 and "even" in err and len(err.strip().splitlines()) == 1
+
+
 def test_demo_trains_evaluates_and_reports_honestly(capsys, tmp_path, monkeypatch):
     from anomalens import cli
 

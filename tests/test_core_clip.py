@@ -405,8 +405,10 @@ def test_stage_settings_follow_table7():
         ({"branches": ("s", "x")}, "branches"),
         ({"branches": ()}, "branches"),
         ({"fusion": "concat"}, "fusion"),
-        ({"branches": ("s", "c")}, "global branch"),
+        ({"branches": ("s", "c"), "ground_source": "global"}, "global branch"),
         ({"prompt_set": "nope"}, "prompt_set"),
+        ({"fuse_cons_space": "probs"}, "fuse_cons_space"),
+        ({"ortho_warmup": 2.0}, "ortho_warmup"),
     ],
 )
 def test_bad_options_are_named(options, message):
@@ -414,13 +416,41 @@ def test_bad_options_are_named(options, message):
         _model(**options)
 
 
-def test_ortho_warmup_counts_training_images():
+def test_ortho_warmup_follows_the_engine_progress():
+    """λ_ortho ramps over the first 40 % of the text stage's optimiser steps (B.4: 30–50 %)."""
     m = _model()
+    assert m.config.ortho_warmup == 0.4
     data = balanced_subset(al.data.load("synthetic:contextual?size=64&n=4", split="train"), 1, seed=0)  # 10
-    history = m.fit(data, stages=["text"], epochs=1, batch_size=5, progress=False)
-    # Two steps of 5 images over a 10-image epoch: warm-up factors 0 and 0.5.
-    assert history["text"][0]["ortho_warmup"] == pytest.approx(0.25)
-    assert float(m.text_images_seen) == 10.0
+    history = m.fit(data, stages=["text"], epochs=1, batch_size=2, progress=False)
+    # Five steps at stage fractions 0, 0.2, 0.4, 0.6, 0.8: factors 0, 0.5, 1, 1, 1 (mean 0.7).
+    assert history["text"][0]["ortho_warmup"] == pytest.approx(0.7)
+    assert not any("seen" in k for k in m.trainable_state())  # no hidden counter in the model
+
+
+def test_text_loss_outside_training_applies_the_full_ortho_weight(model):
+    out = model.text_stage_loss(_batch([True, True], [0, 1]))
+    assert float(out["ortho_warmup"]) == 1.0
+
+
+def test_eq25_compares_cosines_by_default(model):
+    """Eq. (25) on S = [cos0, cos1] (the paper's reading); the scaled form is s² times larger."""
+    assert model.config.fuse_cons_space == "cosine"
+    batch = _batch([True, True], [0, 1])
+    on_cosines = model.image_stage_loss(batch)["fuse_cons"]
+    scaled = _model(fuse_cons_space="logits")
+    scaled.load_state_dict(model.state_dict())
+    on_logits = scaled.image_stage_loss(batch)["fuse_cons"]
+    assert float(on_cosines) > 0
+    torch.testing.assert_close(on_logits, on_cosines * model.logit_scale**2, rtol=1e-3, atol=0.0)
+
+
+def test_grounding_uses_the_plain_clip_class_token(model):
+    """v_cls of L_ground (Eq. 16) is the unadapted CLIP CLS, not a branch with random CSR adapters."""
+    assert model.config.ground_source == "clip"
+    images = _batch([True, True], [0, 1]).images
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model.backbone.encode_image(images).cls, dim=-1)
+    torch.testing.assert_close(model.visual_class_token(images), expected)
 
 
 def test_missing_subject_masks_warn_in_three_branch_mode():

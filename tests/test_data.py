@@ -539,6 +539,20 @@ def test_balanced_subset_is_one_to_one_per_class():
     assert_one_line_error(excinfo, "'a'", "5 anomalous", "6 requested")
 
 
+def test_shot_subset_follows_each_method_s_shot_semantics():
+    ds = toy_dataset()
+    per_label = data.shot_subset(ds, 2, "per_label", seed=0)  # CoRe-CLIP: N normal + N anomalous
+    assert per_label.records == data.balanced_subset(ds, 2, seed=0).records
+    per_class = data.shot_subset(ds, 2, "per_class", seed=0)  # AA-CLIP: 2-shot = 1 normal + 1 anomalous
+    for cls in ("a", "b"):
+        assert sorted(r.label for r in per_class.records if r.class_name == cls) == [0, 1]
+    assert data.shot_subset(ds, "full", "support") is ds
+    for shots, semantics, message in ((3, "per_class", "even"), (2, "support", "eval --shots")):
+        with pytest.raises(DataError) as excinfo:
+            data.shot_subset(ds, shots, semantics)
+        assert_one_line_error(excinfo, f"shots={shots}", message)
+
+
 def test_normal_only_keeps_label_zero():
     ds = toy_dataset()
     normals = data.normal_only(ds)

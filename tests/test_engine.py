@@ -525,3 +525,76 @@ def test_two_process_gloo_training_matches_single_process(tmp_path):
     log = [json.loads(line) for line in (tmp_path / LOG_FILE).read_text().splitlines()]
     assert [r["event"] for r in log].count("start") == 1 and log[0]["world_size"] == 2  # rank 0 only
     assert read_resume(tmp_path / RESUME_FILE).rng.keys() == {0, 1}
+
+
+# ---------------------------------------------------------------------- precision, sampler, progress
+def test_amp_is_opt_in():
+    """All four official sources train in fp32: AMP is off unless asked for."""
+    assert TrainConfig().amp is False
+    assert all(not s.config.amp for s in make().training_stages())
+
+
+def _imbalanced(n: int = 32) -> Dataset:
+    """One anomalous image in four (label of image i: i % 4 == 3)."""
+    return Dataset("toy", [Record(f"toy/{i}.png", int(i % 4 == 3), "toy") for i in range(n)], _load_toy)
+
+
+def test_balanced_sampler_gives_half_normal_half_anomalous_and_fixed_steps():
+    m = make(hidden=0)
+    history = train(m, _imbalanced(), sampler="balanced", batch_size=8, max_steps_per_epoch=5, epochs=3)
+    assert [h["steps"] for h in history["head"]] == [5, 5, 5]
+    assert len(m.seen) == 15
+    assert all(labels == [0] * 4 + [1] * 4 for _, labels in m.seen)
+
+
+def test_balanced_sampler_uses_every_image_of_a_label_before_repeating():
+    from anomalens.engine.sampling import BalancedBatchSampler
+
+    labels = [int(i % 4 == 3) for i in range(32)]  # 24 normal, 8 anomalous
+    sampler = BalancedBatchSampler(labels, batch_size=8, steps=3, seed=0)
+    epochs = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        epochs.append([i for batch in sampler for i in batch])
+    normals = [i for e in epochs for i in e if not labels[i]]  # 2 epochs × 12 = 24: one full cycle
+    anomalous = [i for e in epochs for i in e if labels[i]]  # 24 = three cycles of 8
+    assert sorted(normals) == [i for i in range(32) if not labels[i]]
+    for cycle in range(3):
+        assert sorted(anomalous[8 * cycle : 8 * cycle + 8]) == [i for i in range(32) if labels[i]]
+    sampler.set_epoch(1)  # an epoch's batches depend on (seed, epoch) only, as after a resume
+    assert [i for batch in sampler for i in batch] == epochs[1]
+
+
+def test_balanced_sampler_needs_both_labels():
+    with pytest.raises(ValueError, match="no anomalous image"):
+        train(make(hidden=0), _normals(toy_dataset()), sampler="balanced")
+    with pytest.raises(ValueError, match="sampler 'random' is not one of"):
+        train(make(hidden=0), sampler="random")
+
+
+def test_losses_of_stages_that_ask_get_the_training_progress():
+    m = make(hidden=0)
+    seen = []
+
+    def loss(batch, progress):
+        seen.append(progress)
+        return m.loss(batch)
+
+    stage = Stage("head", m.head.parameters, loss, TrainConfig(epochs=2, batch_size=8), needs_progress=True)
+    m.training_stages = lambda: [stage]
+    train(m, toy_dataset(24))
+    assert [(p.stage, p.epoch, p.epochs, p.step, p.total_steps) for p in seen] == [
+        ("head", e, 2, s, 6) for e, s in ((0, 0), (0, 1), (0, 2), (1, 3), (1, 4), (1, 5))
+    ]
+    assert seen[3].fraction == 0.5
+
+
+def test_stages_get_the_support_data():
+    m = make(hidden=0)
+    given = []
+    stage = Stage("head", m.head.parameters, m.loss, TrainConfig(batch_size=8), support=given.append)
+    m.training_stages = lambda: [stage]
+    pool = toy_dataset(4)
+    train(m, toy_dataset(8), support_data=pool)
+    train(m, toy_dataset(8))
+    assert given[0] is pool and len(given[1]) == 8

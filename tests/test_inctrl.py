@@ -369,6 +369,7 @@ def test_stages_parameters_and_collated_supports(defects_all):
 
     with pytest.raises(RuntimeError, match="fit"):
         dasl.collate([defects_all[0]], False)
+    dasl.support(defects_all)
     data = dasl.select(defects_all)
     samples = [data[i] for i in range(0, len(data), 12)]
     torch.manual_seed(0)
@@ -386,13 +387,37 @@ def test_stages_parameters_and_collated_supports(defects_all):
     torch.manual_seed(0)
     assert torch.equal(dasl.collate(samples, False).support, batch.support)
 
+    big = _build("inctrlv2", train_shots=40).training_stages()[0]
+    big.support(defects_all)
     with pytest.raises(DataError, match="train_shots=40"):
-        _build("inctrlv2", train_shots=40).training_stages()[0].select(defects_all)
+        big.select(defects_all)
+
+
+def test_v1_trains_on_balanced_batches_like_the_official_sampler():
+    """Official `BalancedBatchSampler`: every batch 8 normal + 8 anomalous, 100 steps per epoch."""
+    config = _build("inctrl").training_stages()[0].config
+    assert (config.sampler, config.batch_size, config.max_steps_per_epoch) == ("balanced", 16, 100)
+    assert (config.optimizer, config.lr, config.epochs, config.amp) == ("adamw", 1e-3, 10, False)
+
+
+def test_support_pool_does_not_depend_on_the_query_split(defects_all):
+    """Supports come from train/good + test/good (the official normal list) even when the queries are
+    the test split: 20 supports per query need more normals than the test split's 16."""
+    test_only = al.data.load(DEFECTS, split="test", classes=["weave"])
+    stage = _build("inctrl", train_shots=20).training_stages()[0]
+    stage.support(test_only)
+    with pytest.raises(DataError, match="train_shots=20"):
+        stage.select(test_only)
+    stage.support(defects_all)
+    data = stage.select(test_only)
+    batch = stage.collate([data[0], data[len(data) - 1]], False)
+    assert batch.support.shape[:2] == (2, 20)
 
 
 def test_losses_reach_only_their_stage_parameters(defects_all):
     model = _build("inctrlv2")
     dasl, oasl = model.training_stages()
+    dasl.support(defects_all)
     data = dasl.select(defects_all)
     batch = dasl.collate([data[i] for i in range(0, len(data), 10)], False)
     model.train()
@@ -409,6 +434,7 @@ def test_losses_reach_only_their_stage_parameters(defects_all):
         assert all(p.grad is None for p in frozen.parameters())
     v1 = _build("inctrl")
     stage = v1.training_stages()[0]
+    stage.support(defects_all)
     stage.select(defects_all)
     v1.train()
     out = stage.loss(batch)
@@ -488,7 +514,9 @@ def _learning_run(name: str, data: dict) -> tuple[dict, dict, dict]:
     model = _build(name)
     parts = ("seen", "fresh", "held")
     before = {p: _few_shot_eval(model, data[p], data[f"{p}_support"]) for p in parts}
-    history = model.fit(data["train"], epochs=10, batch_size=8, lr=1e-3, progress=False, seed=0)
+    history = model.fit(
+        data["train"], epochs=10, batch_size=8, lr=1e-3, max_steps_per_epoch=None, progress=False, seed=0
+    )
     after = {p: _few_shot_eval(model, data[p], data[f"{p}_support"]) for p in parts}
     return before, after, history
 

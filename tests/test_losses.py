@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from anomalens.losses import binary_focal_loss, dice_loss, focal_loss
 
@@ -88,3 +89,24 @@ def test_binary_focal_loss_on_logits_and_official_double_sigmoid():
     assert official.item() != pytest.approx(binary_focal_loss(p, y, logits=False).item(), rel=1e-3)
     with pytest.raises(ValueError):
         binary_focal_loss(p, y[:1], logits=True)
+
+
+def test_similarity_heads_and_losses_stay_fp32_under_autocast():
+    """Training with amp=True: cosines × 100 and the losses are computed in float32 (CPU bf16 autocast
+    stands in for CUDA's here)."""
+    from anomalens.methods.core_clip import compatibility
+    from anomalens.methods.inctrl import anomaly_probability
+
+    g = torch.Generator().manual_seed(0)
+    features = F.normalize(torch.randn(2, 3, 16, generator=g), dim=-1)
+    text = F.normalize(torch.randn(2, 2, 16, generator=g), dim=-1)
+    probs = torch.softmax(torch.randn(2, 2, 4, 4, generator=g), dim=1)
+    masks = (torch.rand(2, 4, 4, generator=g) > 0.5).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cos = compatibility(features, text)
+        prob = anomaly_probability(features[:, 0], text, 100.0)
+        focal = focal_loss(probs.bfloat16(), masks)
+        dice = dice_loss(probs[:, 1].bfloat16(), masks)
+    assert {t.dtype for t in (cos, prob, focal, dice)} == {torch.float32}
+    torch.testing.assert_close(cos, compatibility(features, text))
+    torch.testing.assert_close(focal, focal_loss(probs.bfloat16().float(), masks))

@@ -310,15 +310,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     dataset = concat_datasets([al_data.load(spec, args.split, args.classes) for spec in args.data])
     model = _model(args, allow_checkpoint=False)
-    if args.shots is not None:
-        dataset = al_data.balanced_subset(dataset, args.shots, seed=args.seed)
+    dataset = al_data.shot_subset(dataset, args.shots, model.shot_semantics, seed=args.seed)
     if args.normal_only:
         dataset = al_data.normal_only(dataset)
+    # Few-shot methods draw training supports from every normal image (train/good + test/good, the
+    # official InCTRL normal list), whatever split the queries come from.
+    support_data = (
+        concat_datasets([al_data.load(spec, "all", args.classes) for spec in args.data])
+        if model.needs_support
+        else None
+    )
     overrides = _parse_options(args.train_options, "--train-set")
-    given = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
+    given = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "amp": args.amp or None}
     overrides |= {k: v for k, v in given.items() if v is not None}
     model.fit(
         dataset,
+        support_data=support_data,
         out_dir=args.out,
         resume=args.resume,
         seed=args.seed,
@@ -582,7 +589,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--shots", type=_shots_or_full, help="N normal + N anomalous images per class, or 'full'")
+    p.add_argument(
+        "--shots",
+        type=_shots_or_full,
+        help="few-shot training subset, or 'full'; N is the method's: aa-clip N images per class "
+        "(N/2 normal + N/2 anomalous), core-clip and others N normal + N anomalous per class; "
+        "inctrl(v2) train on a whole dataset (their K-shot is eval --shots)",
+    )
+    p.add_argument(
+        "--amp", action="store_true", help="bf16/fp16 autocast on CUDA (default fp32, as the papers' code)"
+    )
     p.add_argument("--stages", type=_names, help="comma-separated training stages to run (default all)")
     p.add_argument(
         "--normal-only", action="store_true", help="train on the normal images only (CoRe-CLIP C.1 protocol)"

@@ -6,10 +6,36 @@ here optimises the same objective as the one that produced the paper's numbers.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import torch
 import torch.nn.functional as F
 
+F_ = TypeVar("F_", bound=Callable[..., Any])
+_HALF = (torch.float16, torch.bfloat16)
 
+
+def full_precision(fn: F_) -> F_:
+    """Decorator: run `fn` in float32 whatever the autocast context (training with ``amp=True``).
+
+    Half-precision tensor arguments (fp16, bf16) are cast to float32 and autocast is off inside, so
+    similarity heads (cosines × 100 are too coarse in bf16) and losses are computed in full precision.
+    """
+
+    def cast(value: Any) -> Any:
+        return value.float() if torch.is_tensor(value) and value.dtype in _HALF else value
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+
+    return wrapper  # type: ignore[return-value]
+
+
+@full_precision
 def focal_loss(
     probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5
 ) -> torch.Tensor:
@@ -39,6 +65,7 @@ def focal_loss(
     return (-((1.0 - pt).clamp_min(0.0) ** gamma) * pt.log()).mean()
 
 
+@full_precision
 def dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
     """Soft Dice loss per image, averaged over the batch (``BinaryDiceLoss`` of AnomalyCLIP/AA-CLIP/Crane).
 
@@ -56,6 +83,7 @@ def dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> 
     return 1.0 - dice.mean()
 
 
+@full_precision
 def binary_focal_loss(
     scores: torch.Tensor,
     target: torch.Tensor,

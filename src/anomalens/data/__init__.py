@@ -19,6 +19,7 @@ from anomalens.data.fewshot import (
     normal_only,
     sample_support,
     sample_support_sets,
+    shot_subset,
 )
 from anomalens.data.formats import READERS, SPLITS, dataset_name
 from anomalens.data.io import decode_record, read_image, read_mask
@@ -46,6 +47,7 @@ __all__ = [
     "read_mask",
     "sample_support",
     "sample_support_sets",
+    "shot_subset",
     "verify",
 ]
 

@@ -94,6 +94,35 @@ def balanced_subset(dataset: Dataset, n_per_class: int | str | None, seed: int =
     return dataset.subset(sorted(chosen))
 
 
+SHOT_SEMANTICS = ("per_label", "per_class", "support")
+
+
+def shot_subset(dataset: Dataset, shots: int | str | None, semantics: str, seed: int = 0) -> Dataset:
+    """The N-shot training subset of `dataset` under a method's shot semantics.
+
+    "per_label": N normal + N anomalous images per class (CoRe-CLIP's N-shot). "per_class": N images
+    per class at a 1:1 ratio, N/2 normal + N/2 anomalous (AA-CLIP: "2-shot" = one normal and one
+    anomalous image; N must be even). "support": the method trains on a whole auxiliary dataset and
+    its K-shot is the normal support at evaluation, so a training subset is an error.
+    shots "full" or None keeps the whole dataset.
+    """
+    if semantics not in SHOT_SEMANTICS:
+        raise ValueError(f"shot semantics must be one of {SHOT_SEMANTICS}, got {semantics!r}")
+    if shots is None or shots == "full":
+        return dataset
+    if semantics == "support":
+        raise DataError(
+            f"shots={shots}: this method trains on a whole auxiliary dataset; its K-shot is the number "
+            "of normal support images at evaluation (eval --shots K)"
+        )
+    if semantics == "per_class":
+        n = int(shots)
+        if n < 2 or n % 2:
+            raise DataError(f"shots={shots}: N images per class at 1:1 needs an even N >= 2")
+        return balanced_subset(dataset, n // 2, seed)
+    return balanced_subset(dataset, shots, seed)
+
+
 def normal_only(dataset: Dataset) -> Dataset:
     """The normal (label 0) images of a dataset, in dataset order."""
     indices = [i for i, r in enumerate(dataset.records) if r.label == 0]

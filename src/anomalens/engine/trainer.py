@@ -37,13 +37,15 @@ from tqdm import tqdm
 
 from anomalens.data.types import Dataset, Sample
 from anomalens.engine import checkpoint, distributed
-from anomalens.methods.base import FROZEN_PREFIXES, Method, Stage, TrainBatch, TrainConfig
+from anomalens.engine.sampling import BalancedBatchSampler
+from anomalens.methods.base import FROZEN_PREFIXES, Method, Stage, TrainBatch, TrainConfig, TrainProgress
 
 MODEL_FILE = "model.anomalens"
 RESUME_FILE = "resume.safetensors"
 LOG_FILE = "train_log.jsonl"
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = (None, "multistep", "cosine")
+SAMPLERS = ("shuffle", "balanced")
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 History = dict[str, list[dict[str, float]]]
@@ -97,6 +99,11 @@ def _validated(stage: str, c: TrainConfig) -> TrainConfig:
         for failed, message in (
             (c.optimizer not in OPTIMIZERS, f"optimizer {c.optimizer!r} is not one of {OPTIMIZERS}"),
             (c.schedule not in SCHEDULES, f"schedule {c.schedule!r} is not one of {SCHEDULES}"),
+            (c.sampler not in SAMPLERS, f"sampler {c.sampler!r} is not one of {SAMPLERS}"),
+            (
+                c.sampler == "balanced" and c.batch_size < 2,
+                f"sampler 'balanced' needs batch_size >= 2, got {c.batch_size}",
+            ),
             (c.epochs < 0, f"epochs must be >= 0, got {c.epochs}"),
             (c.batch_size < 1, f"batch_size must be >= 1, got {c.batch_size}"),
             (c.grad_accum < 1, f"grad_accum must be >= 1, got {c.grad_accum}"),
@@ -186,6 +193,7 @@ def train_method(
     progress: bool = True,
     num_workers: int = 0,
     log_every: int = 10,
+    support_data: Dataset | None = None,
     **overrides: Any,
 ) -> History:
     """Train `method`'s stages (`method.training_stages()`, in order; or only those named in `stages`).
@@ -198,7 +206,9 @@ def train_method(
     AMP scaler, RNG and position restored; stages before the saved one are not run again); without that
     file, start from scratch with a warning. num_workers: DataLoader worker processes that read and
     collate samples. seed: fixes the data order and seeds python/numpy/torch's global RNGs (with
-    ``seed + rank``). Under torchrun the work is data-parallel (see `distributed`).
+    ``seed + rank``). support_data: the normal images few-shot methods draw per-query supports from
+    (`Stage.support`; default `dataset`), e.g. a dataset's train and test normals whatever split the
+    queries come from. Under torchrun the work is data-parallel (see `distributed`).
 
     The log has one JSON line per `log_every` optimiser steps (means over them) and one per epoch:
     ``{"event", "stage", "epoch", "step", <each loss key>, "lr", "seconds"}`` (seconds since the call began).
@@ -234,6 +244,7 @@ def train_method(
         progress,
         num_workers,
         log_every,
+        support_data if support_data is not None else dataset,
     )
     try:
         state = run.load_resume() if resume else None
@@ -282,9 +293,11 @@ class _Run:
         progress: bool,
         num_workers: int,
         log_every: int,
+        support_data: Dataset,
     ):
         self.method = method
         self.dataset = dataset
+        self.support_data = support_data
         self.out = out
         self.seed = seed
         self.num_workers = num_workers
@@ -392,25 +405,45 @@ class _Run:
     # ------------------------------------------------------------------ stages
     def loader(self, stage: Stage, config: TrainConfig, data: Dataset) -> DataLoader:
         samples = _Samples(data)
+        collate = _Collate(stage.collate or self.method.collate, config.augment)
+        seed = derive_seed(self.seed, stage.name)
+        if config.sampler == "balanced":
+            per_process = math.ceil(len(data) / (config.batch_size * distributed.world_size()))
+            batches = BalancedBatchSampler(
+                [r.label for r in data.records],
+                config.batch_size,
+                (config.max_steps_per_epoch or per_process) * config.grad_accum,
+                seed,
+                distributed.rank(),
+            )
+            return DataLoader(
+                samples,
+                batch_sampler=batches,
+                num_workers=self.num_workers,
+                collate_fn=collate,
+                generator=torch.Generator(),
+            )
         sampler = DistributedSampler(
             samples,
             num_replicas=distributed.world_size(),
             rank=distributed.rank(),
             shuffle=True,
-            seed=derive_seed(self.seed, stage.name),
+            seed=seed,
         )
         return DataLoader(
             samples,
             batch_size=config.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
-            collate_fn=_Collate(stage.collate or self.method.collate, config.augment),
+            collate_fn=collate,
             generator=torch.Generator(),
         )
 
     def train_stage(
         self, index: int, stage: Stage, config: TrainConfig, state: checkpoint.ResumeState | None
     ) -> None:
+        if stage.support is not None:
+            stage.support(self.support_data)
         data = stage.select(self.dataset) if stage.select is not None else self.dataset
         if len(data) == 0:
             raise ValueError(
@@ -440,7 +473,7 @@ class _Run:
         distributed.broadcast_(self._learned(buffers=False))
         with _only_these_learn(self.method, params):
             for epoch in range(first_epoch, config.epochs):
-                loader.sampler.set_epoch(epoch)
+                (loader.batch_sampler if config.sampler == "balanced" else loader.sampler).set_epoch(epoch)
                 loader.generator.manual_seed(derive_seed(self.seed, stage.name, epoch, distributed.rank()))
                 epoch_start = time.perf_counter()
                 means, step = self.train_epoch(
@@ -483,7 +516,7 @@ class _Run:
             if self.out is not None
             else ""
         )
-        advice = "; try a lower lr or amp=False"
+        advice = "; try a lower lr (or amp=False if training with amp)"
         return f"{where}: non-finite loss ({losses}); the weights were not updated{kept}{advice}"
 
     def _learned(self, buffers: bool) -> list[torch.Tensor]:
@@ -521,8 +554,13 @@ class _Run:
             optimizer.zero_grad(set_to_none=True)
             for i, batch in enumerate(itertools.islice(loader, micro_batches)):
                 group_size = min(config.grad_accum, micro_batches - (i - i % config.grad_accum))
+                batch = batch.to(self.device)
                 with torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
-                    out = stage.loss(batch.to(self.device))
+                    if stage.needs_progress:
+                        progress = TrainProgress(stage.name, epoch, config.epochs, step, total_steps)
+                        out = stage.loss(batch, progress)  # type: ignore[call-arg]
+                    else:
+                        out = stage.loss(batch)
                 if "loss" not in out:
                     raise ValueError(f"stage {stage.name!r}: its loss returned {sorted(out)}, without 'loss'")
                 group.append(

@@ -47,7 +47,7 @@ from torch import nn
 from anomalens.backbones import ClipBackbone, map_layer, map_layers
 from anomalens.data.types import Sample
 from anomalens.layers import BiasFreeProjection, NormMatchedResidualAdapter
-from anomalens.losses import dice_loss, focal_loss
+from anomalens.losses import dice_loss, focal_loss, full_precision
 from anomalens.methods.base import Method, Prediction, Stage, TrainBatch, TrainConfig, register
 from anomalens.prompts import AA_CLIP, aa_clip_prompts, class_word, ensemble_text_features
 
@@ -140,6 +140,7 @@ class VisualBranch:
 
 
 # ---------------------------------------------------------------------------------------------- math
+@full_precision
 def anchor_logits(features: torch.Tensor, anchors: torch.Tensor, scale: float) -> torch.Tensor:
     """Eq. (3): ``scale · CosSim(V, [T_N, T_A])`` for unit-norm features and anchors.
 
@@ -352,6 +353,7 @@ class AACLIP(Method):
     trainable = True
     resize = "squash"
     pos_interp = "bicubic"
+    shot_semantics = "per_class"  # paper §4.1: "2-shot" = one normal + one anomalous image per class
 
     def __init__(self, config: AACLIPConfig, backbone: ClipBackbone):
         super().__init__(config, backbone)

@@ -31,7 +31,7 @@ from scipy.ndimage import gaussian_filter
 from torch import nn
 
 from anomalens.backbones import ClipBackbone, EAttnSpec
-from anomalens.losses import dice_loss, focal_loss
+from anomalens.losses import dice_loss, focal_loss, full_precision
 from anomalens.methods.base import Method, Stage, TrainBatch, TrainConfig, register
 from anomalens.prompts import OBJECT_AGNOSTIC_ANOMALOUS, OBJECT_AGNOSTIC_NORMAL
 
@@ -67,6 +67,7 @@ class AnomalyCLIPConfig:
     sigma: float = 4.0
 
 
+@full_precision
 def patch_probabilities(
     patches: torch.Tensor, text: torch.Tensor, temperature: float, grid: tuple[int, int], size: int
 ) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomalens.backbones import ClipBackbone
-from anomalens.losses import dice_loss, focal_loss
+from anomalens.losses import dice_loss, focal_loss, full_precision
 from anomalens.methods.base import Method, Stage, TrainBatch, TrainConfig, register
 from anomalens.prompts import (
     WINCLIP_ANOMALOUS_STATES,
@@ -106,6 +106,7 @@ class APRILGANConfig:
     few_shot_map_weight: float = 0.5
 
 
+@full_precision
 def segmentation_probabilities(
     tokens: torch.Tensor, anchors: torch.Tensor, grid: tuple[int, int], size: int
 ) -> torch.Tensor:

@@ -94,8 +94,29 @@ class TrainConfig:
     gamma: float = 0.5
     grad_accum: int = 1
     max_steps_per_epoch: int | None = None
-    amp: bool = True  # used on CUDA only
+    amp: bool = False  # bf16/fp16 autocast on CUDA, opt-in (`--amp`); the four sources all train in fp32
     augment: bool = False
+    # "shuffle": every image once per epoch; "balanced": batches of batch_size // 2 normal + the rest
+    # anomalous images, drawn from endless per-label permutations (InCTRL's BalancedBatchSampler), with
+    # max_steps_per_epoch optimiser steps per epoch (default: as many as "shuffle" would give).
+    sampler: str = "shuffle"
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """Where training stands when a stage's loss is called (given to losses of stages with
+    ``needs_progress``): ``step`` optimiser steps of this stage are done, of ``total_steps``."""
+
+    stage: str
+    epoch: int  # 0-based epoch of the stage
+    epochs: int
+    step: int
+    total_steps: int
+
+    @property
+    def fraction(self) -> float:
+        """Share of the stage's optimiser steps already taken, in [0, 1]."""
+        return min(1.0, self.step / self.total_steps) if self.total_steps > 0 else 1.0
 
 
 @dataclass
@@ -133,6 +154,10 @@ class Stage:
     config: TrainConfig
     select: Callable[[Dataset], Dataset] | None = None  # e.g. normal images only (InCTRLv2 OASL)
     collate: Callable[[list[Sample], bool], TrainBatch] | None = None  # default: Method.collate
+    # Called with `train_method`'s support_data (default: the training data) before `select`: the
+    # normal images a few-shot method draws per-query supports from.
+    support: Callable[[Dataset], None] | None = None
+    needs_progress: bool = False  # loss(batch, progress: TrainProgress) instead of loss(batch)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -150,6 +175,10 @@ class Method(nn.Module):
     trainable: ClassVar[bool] = False
     resize: ClassVar[str] = "squash"  # squash | short_side_crop
     pos_interp: ClassVar[str] = "bicubic"
+    # What `train --shots N` means (`data.shot_subset`): "per_label" = N normal + N anomalous images per
+    # class, "per_class" = N per class at 1:1 (AA-CLIP), "support" = no training subset (the K-shot of
+    # a few-shot method is its support at evaluation).
+    shot_semantics: ClassVar[str] = "per_label"
 
     def __init__(self, config: Any, backbone: nn.Module):
         super().__init__()

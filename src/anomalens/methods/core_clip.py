@@ -16,10 +16,12 @@ reads them (every choice the paper leaves open is listed in ``docs/methods/core-
   text blocks, ``Z ← (1 − γ_i)·Z + γ_i·TR^(i)(Z)``; t̃0, t̃1 = re-normalised means of the normalised
   embeddings of the B.3 prompt sets. L_text = λ_o·w(t)·⟨t̃0,t̃1⟩² + λ_c·½Σ_k‖t̃k − t̃μ‖² +
   λ_g·(1 − cos(v_cls, t̃μ)) [+ λ_cal·L_calib (Eq. 33)], w(t) a linear warm-up of the orthogonality
-  weight over the first epoch ("annealed", A.4).
+  weight over the first 40 % of the text stage's optimiser steps ("annealed", A.4; "30–50 %", B.4),
+  v_cls the CLS embedding of the unadapted CLIP.
 * CRM (A.5, Eq. 18-22): q = W_q t̃1, keys W_k z̃_b, α = softmax(qᵀK/√D_a), z̃_crm = Σ_b α_b z̃_b.
 * Losses (A.6-A.8, Eq. 23-28): CE over s·[cos(z̃_b, t̃0), cos(z̃_b, t̃1)] per branch (s = CLIP's logit
-  scale), fused CE, fuse-cons ‖ℓ_crm − mean_b ℓ_b‖², fuse-ent −H(α); weights of Table 7.
+  scale), fused CE, fuse-cons ‖S_crm − mean_b S_b‖² on the cosines S = [cos0, cos1] (option: on the
+  s-scaled logits, 10⁴ × larger), fuse-ent −H(α); weights of Table 7.
 * Scoring (A.9, Eq. 30-32): s(x) = σ(cos(z̃_crm, t̃1) − cos(z̃_crm, t̃0)); map = Σ_b α_b·(cos(p̃_b, t̃1) −
   cos(p̃_b, t̃0)) on the patch grid, bilinear to the input size.
 * Training (B.1-B.2, Table 7): stage "text" (text refinement, 5 epochs, batch 16, lr 2e-5), stage
@@ -49,7 +51,8 @@ from torch import nn
 from anomalens.backbones import ClipBackbone, map_layer
 from anomalens.data.types import Dataset, Sample
 from anomalens.layers import BottleneckMLP, GatedResidual
-from anomalens.methods.base import Method, Stage, TrainBatch, TrainConfig, register
+from anomalens.losses import full_precision
+from anomalens.methods.base import Method, Stage, TrainBatch, TrainConfig, TrainProgress, register
 from anomalens.prompts import CORE_CLIP_CONTEXT, CORE_CLIP_DEFECT, core_clip_prompts
 
 # Reference depths of the paper's layer indices (ViT-L/14: 24 visual, 12 text blocks).
@@ -60,6 +63,7 @@ FUSIONS = ("crm", "mean")
 PROMPT_SETS = {"context": CORE_CLIP_CONTEXT, "defect": CORE_CLIP_DEFECT}
 MASK_FILLS = ("zero", "black")
 GROUND_SOURCES = ("global", "clip")
+FUSE_CONS_SPACES = ("cosine", "logits")
 SCHEDULES = ("multistep", "cosine")
 
 
@@ -85,14 +89,16 @@ class CoReCLIPConfig:
         logit_scale: scale of the CE logits (Eq. 23-25); None = the backbone's CLIP logit scale.
         mask_fill: masked pixels of the training views (Eq. 10): "zero" in the normalised tensor (the
             dataset mean colour, "consistent with CLIP preprocessing") or "black" pixels.
-        ground_source: v_cls of L_ground / L_calib: "global" (the global branch, no gradient) or "clip"
-            (the unadapted CLIP CLS).
+        ground_source: v_cls of L_ground / L_calib: "clip" (the unadapted CLIP CLS embedding) or
+            "global" (the global branch, no gradient; its CSR adapters are still random in stage 1).
         ortho_weight, cons_weight, ground_weight, calib_weight: λ_ortho, λ_cons, λ_ground, λ_calib
             (Table 7; λ_calib > 0 only for MVTec AD / VisA).
-        ortho_warmup_epochs: λ_ortho ramps linearly from 0 over this many epochs of the text stage
-            (counted in training images seen); 0 = no warm-up.
+        ortho_warmup: λ_ortho ramps linearly from 0 over this share of the text stage's optimiser
+            steps (B.4: 30–50 %); 0 = no warm-up.
         calib_margin: m of Eq. (33) (the paper gives no value).
         branch_weight, fuse_img_weight, fuse_cons_weight, fuse_ent_weight: weights of Eq. (28).
+        fuse_cons_space: what Eq. (25) compares: "cosine" ([cos0, cos1], the paper's S) or "logits"
+            (the CE logits s·[cos0, cos1], 10⁴ × larger with s = 100).
         text_lr: learning rate of the text stage (Table 7).
         image_lr: learning rate of the image stage (Table 7: 3e-4; B.1 says 5e-5).
         image_schedule: "multistep" (Table 7) or "cosine" (B.1 and §6.4).
@@ -110,17 +116,18 @@ class CoReCLIPConfig:
     prompt_set: str = "context"
     logit_scale: float | None = None
     mask_fill: str = "zero"
-    ground_source: str = "global"
+    ground_source: str = "clip"
     ortho_weight: float = 0.10
     cons_weight: float = 0.10
     ground_weight: float = 0.05
     calib_weight: float = 0.0
-    ortho_warmup_epochs: float = 1.0
+    ortho_warmup: float = 0.4
     calib_margin: float = 0.2
     branch_weight: float = 1.0
     fuse_img_weight: float = 1.0
     fuse_cons_weight: float = 0.5
     fuse_ent_weight: float = 0.05
+    fuse_cons_space: str = "cosine"
     text_lr: float = 2e-5
     image_lr: float = 3e-4
     image_schedule: str = "multistep"
@@ -249,6 +256,7 @@ def text_objective(
     return total if calib is None else total + calib_weight * calib
 
 
+@full_precision
 def compatibility(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """Eq. (18) / (31): cos(feature, t̃k) for k in {0, 1}.
 
@@ -265,6 +273,7 @@ def compatibility(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     return cos.reshape(*features.shape[:-1], 2)
 
 
+@full_precision
 def crm_weights(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Eq. (21): α = softmax(qᵀK / √D_a) over the branches.
 
@@ -290,6 +299,7 @@ def crm_fuse(alpha: torch.Tensor, branch_cls: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bn,bne->be", alpha, branch_cls)
 
 
+@full_precision
 def compatibility_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Eq. (23) / (24): softmax cross-entropy of the two-class logits s·[cos0, cos1] against y.
 
@@ -299,15 +309,18 @@ def compatibility_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits, labels)
 
 
-def fuse_consistency_loss(fused_logits: torch.Tensor, branch_logits: torch.Tensor) -> torch.Tensor:
-    """Eq. (25): ‖ℓ_crm − (1/n) Σ_b ℓ_b‖²₂ (squared norm over the two logits), averaged over images.
+@full_precision
+def fuse_consistency_loss(fused: torch.Tensor, branches: torch.Tensor) -> torch.Tensor:
+    """Eq. (25): ‖S_crm − (1/n) Σ_b S_b‖²₂ (squared norm over the two entries), averaged over images.
 
     Args:
-        fused_logits: (B, 2); branch_logits: (B, n, 2).
+        fused: (B, 2) compatibilities [cos0, cos1] of z̃_crm (or its CE logits); branches: (B, n, 2)
+            those of the branches, in the same space.
     """
-    return (fused_logits - branch_logits.mean(dim=1)).square().sum(dim=-1).mean()
+    return (fused - branches.mean(dim=1)).square().sum(dim=-1).mean()
 
 
+@full_precision
 def negative_entropy(alpha: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Eq. (26): L_fuse-ent = −H(α) = Σ_b α_b log α_b, averaged over images.
 
@@ -367,11 +380,12 @@ def fused_margins(alpha: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bn,bnj->bj", alpha, margins)
 
 
-def warmup_factor(images_seen: float, warmup_images: float) -> float:
-    """Linear warm-up of λ_ortho (A.4 "annealed"): min(1, seen / warm-up length); 1 without warm-up."""
-    if warmup_images <= 0:
+def warmup_factor(done: float, warmup: float) -> float:
+    """Linear warm-up of λ_ortho (A.4 "annealed"): min(1, done / warmup), both shares of the text
+    stage's steps; 1 without warm-up."""
+    if warmup <= 0:
         return 1.0
-    return min(1.0, images_seen / warmup_images)
+    return min(1.0, done / warmup)
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -425,6 +439,7 @@ class CoReCLIP(Method):
     trainable = True
     resize = "squash"
     pos_interp = "bicubic"
+    shot_semantics = "per_label"  # A.10: N normal + N anomalous images per class
 
     def __init__(self, config: CoReCLIPConfig, backbone: ClipBackbone):
         super().__init__(config, backbone)
@@ -442,9 +457,6 @@ class CoReCLIP(Method):
             for _ in self.text_layers
         )
         self.crm = CRM(bb.embed_dim, config.attention_dim) if n > 1 and config.fusion == "crm" else None
-        # Text-stage images seen (for the λ_ortho warm-up); saved so that a resumed run continues it.
-        self.register_buffer("text_images_seen", torch.zeros((), dtype=torch.float64))
-        self._text_train_size = 0
         self._text_cache: dict[str, torch.Tensor] = {}
         self._text_key: tuple[float, ...] | None = None
 
@@ -530,7 +542,7 @@ class CoReCLIP(Method):
                 config=TrainConfig(
                     epochs=5, batch_size=16, lr=c.text_lr, optimizer="adam", betas=(0.5, 0.999)
                 ),
-                select=self._select_text,
+                needs_progress=True,
             ),
             Stage(
                 name="image",
@@ -561,11 +573,6 @@ class CoReCLIP(Method):
             **{f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}, has_subject=has_subject
         )
 
-    def _select_text(self, dataset: Dataset) -> Dataset:
-        """Remember the training-set size (the λ_ortho warm-up is measured in epochs of it)."""
-        self._text_train_size = len(dataset)
-        return dataset
-
     def _select_image(self, dataset: Dataset) -> Dataset:
         """Warn when the subject/context branches would get no subject masks to learn from."""
         if len(self.branches) > 1 and not any(r.subject_mask_path is not None for r in dataset.records):
@@ -584,8 +591,14 @@ class CoReCLIP(Method):
             g = self.branches.index("g")
             return self.encode_branches(images[None], branch_ids=[g]).cls[:, 0]
 
-    def text_stage_loss(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        """Stage 1 (Eq. 14-17, + Eq. 33 if λ_calib > 0): refine the text tower; the visual side is frozen."""
+    def text_stage_loss(
+        self, batch: TrainBatch, progress: TrainProgress | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Stage 1 (Eq. 14-17, + Eq. 33 if λ_calib > 0): refine the text tower; the visual side is frozen.
+
+        progress: where the text stage stands (the engine passes it), for the λ_ortho warm-up; None
+        (a call outside training) applies the full λ_ortho.
+        """
         c = self.config
         batch = batch.to(self.device)
         names = list(dict.fromkeys(batch.class_names))
@@ -595,12 +608,7 @@ class CoReCLIP(Method):
         ortho, cons = orthogonality_loss(per_class), consistency_loss(per_class)
         ground = grounding_loss(v_cls, text)
         calib = calibration_loss(v_cls, text, batch.labels, c.calib_margin) if c.calib_weight > 0 else None
-        warmup = warmup_factor(
-            float(self.text_images_seen), c.ortho_warmup_epochs * max(self._text_train_size, 1)
-        )
-        if self.training:
-            world = _world_size()
-            self.text_images_seen += len(batch.class_names) * world
+        warmup = 1.0 if progress is None else warmup_factor(progress.fraction, c.ortho_warmup)
         loss = text_objective(
             ortho,
             cons,
@@ -659,7 +667,8 @@ class CoReCLIP(Method):
         views, valid, branch_ids = self.training_views(batch)
         feats = self.encode_branches(views, branch_ids)
         scale = self.logit_scale
-        branch_logits = scale * compatibility(feats.cls, text)  # (B, k, 2)
+        branch_cos = compatibility(feats.cls, text)  # (B, k, 2)
+        branch_logits = scale * branch_cos
         labels = batch.labels
         branch_ce = sum(
             compatibility_ce(branch_logits[valid[j], j], labels[valid[j]])
@@ -668,14 +677,17 @@ class CoReCLIP(Method):
         )
         # Fusion needs every branch: images without a subject mask only train the global branch.
         full = valid.all(dim=0) if len(branch_ids) == len(self.branches) else torch.zeros_like(valid[0])
-        zero = branch_logits.new_zeros(())
+        zero = branch_cos.new_zeros(())
         fuse_ce, fuse_cons, fuse_ent = zero, zero, zero
         if bool(full.any()):
             alpha = self.branch_weights(text[full], feats.cls[full])  # (B', n)
             fused = F.normalize(crm_fuse(alpha, feats.cls[full]), dim=-1)[:, None]  # (B', 1, E)
-            fused_logits = scale * compatibility(fused, text[full])[:, 0]  # (B', 2)
-            fuse_ce = compatibility_ce(fused_logits, labels[full])
-            fuse_cons = fuse_consistency_loss(fused_logits, branch_logits[full])
+            fused_cos = compatibility(fused, text[full])[:, 0]  # (B', 2)
+            fuse_ce = compatibility_ce(scale * fused_cos, labels[full])
+            if c.fuse_cons_space == "cosine":
+                fuse_cons = fuse_consistency_loss(fused_cos, branch_cos[full])
+            else:
+                fuse_cons = fuse_consistency_loss(scale * fused_cos, branch_logits[full])
             fuse_ent = negative_entropy(alpha)
         weights = (c.branch_weight, c.fuse_img_weight, c.fuse_cons_weight, c.fuse_ent_weight)
         loss = image_objective(branch_ce, fuse_ce, fuse_cons, fuse_ent, weights)
@@ -695,12 +707,6 @@ def _fingerprint(parameters: Sequence[torch.Tensor]) -> tuple[float, ...]:
     return tuple(torch.cat(stats).tolist()) if stats else ()
 
 
-def _world_size() -> int:
-    """Processes of a torchrun job (each sees 1/world of every epoch), 1 otherwise."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _check_config(config: CoReCLIPConfig) -> None:
     problems = []
     if not config.branches or any(b not in BRANCHES for b in config.branches):
@@ -717,6 +723,10 @@ def _check_config(config: CoReCLIPConfig) -> None:
         problems.append(f"ground_source must be one of {GROUND_SOURCES}, got {config.ground_source!r}")
     if config.ground_source == "global" and "g" not in config.branches:
         problems.append("ground_source 'global' needs the global branch 'g'")
+    if config.fuse_cons_space not in FUSE_CONS_SPACES:
+        problems.append(f"fuse_cons_space must be one of {FUSE_CONS_SPACES}, got {config.fuse_cons_space!r}")
+    if not 0.0 <= config.ortho_warmup <= 1.0:
+        problems.append(f"ortho_warmup must be in [0, 1], got {config.ortho_warmup}")
     if config.image_schedule not in SCHEDULES:
         problems.append(f"image_schedule must be one of {SCHEDULES}, got {config.image_schedule!r}")
     if config.csr_layers < 1 or config.text_layers < 1 or config.attention_dim < 1:

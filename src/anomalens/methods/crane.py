@@ -51,7 +51,7 @@ from anomalens.backbones.attention import (
 )
 from anomalens.backbones.registry import WeightsUnavailableError, resolve_timm_pretrained
 from anomalens.data.types import Sample
-from anomalens.losses import dice_loss, focal_loss
+from anomalens.losses import dice_loss, focal_loss, full_precision
 from anomalens.methods.base import DEFAULT, Method, Stage, TrainBatch, TrainConfig, register
 from anomalens.prompts import OBJECT_AGNOSTIC_ANOMALOUS, OBJECT_AGNOSTIC_NORMAL
 
@@ -142,6 +142,7 @@ CONFIGURATIONS: dict[str, dict[str, Any]] = {
 
 
 # ---------------------------------------------------------------------- equations
+@full_precision
 def similarity_logits(features: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
     """Eq. (1) before the softmax: ``[⟨e, g_n⟩, ⟨e, g_a⟩] / τ`` for unit-norm ``e`` and text features.
 

@@ -43,7 +43,7 @@ from torch import nn
 from anomalens.backbones import ClipBackbone
 from anomalens.data.types import DataError, Dataset, Sample
 from anomalens.layers import InCTRLAdapter, ScoreHead
-from anomalens.losses import binary_focal_loss, dice_loss, focal_loss
+from anomalens.losses import binary_focal_loss, dice_loss, focal_loss, full_precision
 from anomalens.methods.base import Method, Stage, TrainBatch, TrainConfig, register
 from anomalens.prompts import class_word, ensemble_text_features, inctrl_prompts, winclip_prompts
 
@@ -199,6 +199,7 @@ def multi_layer_residual_map(layer_maps: torch.Tensor) -> torch.Tensor:
     return layer_maps.mean(dim=1)
 
 
+@full_precision
 def anomaly_probability(features: torch.Tensor, anchors: torch.Tensor, scale: float) -> torch.Tensor:
     """Eq. (6): s_a = softmax(scale·[cos(f, F_n), cos(f, F_a)])_a (also InCTRL v1's text prior s_t).
 
@@ -209,6 +210,7 @@ def anomaly_probability(features: torch.Tensor, anchors: torch.Tensor, scale: fl
     return (scale * cos).softmax(dim=-1)[:, 1]
 
 
+@full_precision
 def semantic_layer_maps(patch_features: torch.Tensor, anchors: torch.Tensor, scale: float) -> torch.Tensor:
     """Eq. (7) / (14): per layer and patch, softmax(scale·[cos(φ(F^l), F_n), cos(φ(F^l), F_a)]).
 
@@ -337,6 +339,7 @@ class _InCTRLBase(Method):
     needs_support = True
     trainable = True
     resize = "short_side_crop"
+    shot_semantics = "support"  # trained once on an auxiliary dataset; K-shot = support at evaluation
 
     def __init__(self, config: InCTRLConfig | InCTRLv2Config, backbone: ClipBackbone):
         super().__init__(config, backbone)
@@ -429,28 +432,34 @@ class _InCTRLBase(Method):
         return maps.unflatten(-1, self.backbone.grid)
 
     # ------------------------------------------------------------------ training
-    def _remember_pool(self, dataset: Dataset, selected: Dataset) -> None:
-        """Index `dataset`'s normal images by class for `collate_with_support`; check there are enough."""
+    def use_support_pool(self, dataset: Dataset) -> None:
+        """`Stage.support`: index `dataset`'s normal images by class, the pool `collate_with_support`
+        draws per-query supports from (the official normal list: train/good + test/good)."""
         by_class: dict[str, list[int]] = {}
         for i, r in enumerate(dataset.records):
             if r.label == 0:
                 by_class.setdefault(r.class_name, []).append(i)
+        self._pool = SupportPool(dataset, by_class)
+
+    def _check_pool(self, selected: Dataset) -> Dataset:
+        """Every class of the stage data has enough normal supports in the pool; returns `selected`."""
+        if self._pool is None:
+            raise RuntimeError(f"{self.name}: no support pool (training runs through `fit`)")
         k = self.config.train_shots
         for cls in selected.class_names:
             labels = {r.label for r in selected.records if r.class_name == cls}
             need = k + 1 if 0 in labels and not self.official_compat else k
-            have = len(by_class.get(cls, []))
+            have = len(self._pool.by_class.get(cls, []))
             if have < need:
                 raise DataError(
-                    f"class {cls!r} of {dataset.name} has {have} normal images; training {self.name} with "
-                    f"train_shots={k} needs {need} (K supports other than the query)"
+                    f"class {cls!r} of {self._pool.dataset.name} has {have} normal images for supports; "
+                    f"training {self.name} with train_shots={k} needs {need} (K besides the query)"
                 )
-        self._pool = SupportPool(dataset, by_class)
+        return selected
 
     def select_all(self, dataset: Dataset) -> Dataset:
         """Stage data of InCTRL v1: everything (the official normal + outlier lists)."""
-        self._remember_pool(dataset, dataset)
-        return dataset
+        return self._check_pool(dataset)
 
     def collate_with_support(self, samples: list[Sample], augment: bool) -> TrainBatch:
         """`Method.collate` plus K normal supports per query, of its class, never the query itself.
@@ -533,6 +542,8 @@ class InCTRL(_InCTRLBase):
         return {"loss": final + image, "focal_final": final.detach(), "focal_image": image.detach()}
 
     def training_stages(self) -> list[Stage]:
+        """Official `engine_IC.py`: AdamW(1e-3), 10 epochs of 100 balanced batches of 8 normal + 8
+        anomalous images (`BalancedBatchSampler`), supports from the normal list."""
         config = TrainConfig(
             epochs=10,
             batch_size=16,
@@ -541,10 +552,19 @@ class InCTRL(_InCTRLBase):
             betas=(0.9, 0.999),
             weight_decay=0.01,
             max_steps_per_epoch=100,
+            sampler="balanced",
         )
         modules = nn.ModuleList([self.adapter, self.ref_head, self.holistic_head])
         return [
-            Stage("main", modules.parameters, self.loss, config, self.select_all, self.collate_with_support)
+            Stage(
+                "main",
+                modules.parameters,
+                self.loss,
+                config,
+                self.select_all,
+                self.collate_with_support,
+                support=self.use_support_pool,
+            )
         ]
 
 
@@ -654,23 +674,25 @@ class InCTRLv2(_InCTRLBase):
         return {"loss": pixel["focal"] + pixel["dice"], **{k: v.detach() for k, v in pixel.items()}}
 
     def select_dasl(self, dataset: Dataset) -> Dataset:
-        """Stage data of DASL (`dasl_subset`); supports come from all of `dataset`'s normal images."""
-        selected = dasl_subset(dataset)
-        self._remember_pool(dataset, selected)
-        return selected
+        """Stage data of DASL (`dasl_subset`); supports come from the support pool."""
+        return self._check_pool(dasl_subset(dataset))
 
     def select_oasl(self, dataset: Dataset) -> Dataset:
-        """Stage data of OASL (`oasl_subset`); supports come from all of `dataset`'s normal images."""
-        selected = oasl_subset(dataset)
-        self._remember_pool(dataset, selected)
-        return selected
+        """Stage data of OASL (`oasl_subset`); supports come from the support pool."""
+        return self._check_pool(oasl_subset(dataset))
 
     def training_stages(self) -> list[Stage]:
         config = TrainConfig(epochs=10, batch_size=48, lr=1e-3, optimizer="adam")
         dasl = nn.ModuleList([self.adapter, self.ref_head, self.dasl_projection])
         return [
             Stage(
-                "dasl", dasl.parameters, self.dasl_loss, config, self.select_dasl, self.collate_with_support
+                "dasl",
+                dasl.parameters,
+                self.dasl_loss,
+                config,
+                self.select_dasl,
+                self.collate_with_support,
+                support=self.use_support_pool,
             ),
             Stage(
                 "oasl",
@@ -679,5 +701,6 @@ class InCTRLv2(_InCTRLBase):
                 config,
                 self.select_oasl,
                 self.collate_with_support,
+                support=self.use_support_pool,
             ),
         ]
