@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
+from anomalens.recipes import RECIPE_NAMES
+
 if TYPE_CHECKING:  # the CLI imports torch and the methods only when a command needs them
     from anomalens.data.types import Dataset, Record, Sample
     from anomalens.methods.base import Method
@@ -307,9 +309,15 @@ def cmd_detect(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import anomalens.data as al_data
     from anomalens.engine import MODEL_FILE
+    from anomalens.recipes import recipe as named_recipe
 
-    dataset = concat_datasets([al_data.load(spec, args.split, args.classes) for spec in args.data])
+    recipe = named_recipe(args.method or "", args.recipe) if args.recipe else None
+    if recipe is not None:  # the recipe's method options first: the user's --set wins
+        args.options = [f"{k}={json.dumps(v)}" for k, v in recipe.options.items()] + args.options
+    split = args.split or (recipe.split if recipe is not None else "test")
+    dataset = concat_datasets([al_data.load(spec, split, args.classes) for spec in args.data])
     model = _model(args, allow_checkpoint=False)
+    model.recipe = recipe.describe() if recipe is not None else None
     dataset = al_data.shot_subset(dataset, args.shots, model.shot_semantics, seed=args.seed)
     if args.normal_only:
         dataset = al_data.normal_only(dataset)
@@ -320,9 +328,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if model.needs_support
         else None
     )
-    overrides = _parse_options(args.train_options, "--train-set")
     given = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "amp": args.amp or None}
-    overrides |= {k: v for k, v in given.items() if v is not None}
+    user = _parse_options(args.train_options, "--train-set")
+    user |= {k: v for k, v in given.items() if v is not None}
+    # A recipe's per-stage value ("image.lr") must not win over the user's value for every stage ("lr").
+    recipe_train = recipe.train if recipe is not None else {}
+    overrides = {k: v for k, v in recipe_train.items() if k.rpartition(".")[2] not in user} | user
     model.fit(
         dataset,
         support_data=support_data,
@@ -580,8 +591,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", required=True, help="dataset spec (repeatable)")
     p.add_argument(
         "--split",
-        default="test",
-        help="split to train on (default test: the papers train on another dataset's test split)",
+        help="split to train on (default: the recipe's, else test: the papers train on another "
+        "dataset's test split)",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=RECIPE_NAMES,
+        help="training settings of the method's released code or of its paper (docs/recipes.md); "
+        "other flags still win",
     )
     p.add_argument("--classes", type=_names, help="comma-separated subset of classes")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, model.anomalens)")

@@ -185,6 +185,7 @@ class Method(nn.Module):
         self.config = config
         self.backbone = backbone
         self.threshold: float | None = None
+        self.recipe: dict[str, Any] | None = None  # the training recipe (`anomalens.recipes`), if any
         self._support_key: str | None = None
         self._support_ctx: Any = None
 
@@ -356,6 +357,7 @@ class Method(nn.Module):
             "pretrained": self.backbone.pretrained,
             "options": json_safe(dataclasses.asdict(self.config)),
             "threshold": self.threshold,
+            "recipe": self.recipe,
             "version": _version(),
         }
 
@@ -410,6 +412,7 @@ def load(path: str | os.PathLike, device: str = "auto", pretrained: str | None =
             f"unexpected {unexpected[:3]})"
         )
     method.threshold = desc.get("threshold")
+    method.recipe = desc.get("recipe")
     return method.to(resolve_device(device)).eval()
 
 
