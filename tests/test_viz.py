@@ -126,3 +126,45 @@ def test_html_report_embeds_images_per_class(tmp_path: Path):
     assert len(uris) == 4  # image with outline + overlay, per entry
     thumb = Image.open(io.BytesIO(base64.b64decode(uris[0].split('"')[0])))
     assert thumb.size == (40, 40) and thumb.mode == "RGB"
+
+
+def test_loss_terms_are_read_per_stage_and_plotted(tmp_path):
+    import json
+
+    from anomalens.viz import loss_terms, loss_terms_svg
+
+    log = tmp_path / "train_log.jsonl"
+    rows = [
+        {"event": "start", "seed": 0},
+        {
+            "event": "step",
+            "stage": "image",
+            "epoch": 1,
+            "step": 10,
+            "loss": 3.0,
+            "ce": 2.0,
+            "cons": 1.0,
+            "lr": 0.1,
+        },
+        {
+            "event": "step",
+            "stage": "image",
+            "epoch": 1,
+            "step": 20,
+            "loss": 2.0,
+            "ce": 1.5,
+            "cons": None,
+            "lr": 0.1,
+        },
+        {"event": "epoch", "stage": "image", "epoch": 1, "step": 20, "loss": 2.5, "seconds": 1.0},
+    ]
+    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    curves = loss_terms(log)
+    assert curves == {
+        "image": {"loss": [(10, 3.0), (20, 2.0)], "ce": [(10, 2.0), (20, 1.5)], "cons": [(10, 1.0)]}
+    }
+    svg = loss_terms_svg(log)
+    assert svg.count("<polyline") == 3 and ">cons</text>" in svg and "image: loss terms" in svg
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"event": "start"}) + "\n")
+    assert loss_terms_svg(empty) == ""

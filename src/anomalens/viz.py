@@ -245,3 +245,55 @@ def _check_rgb(image: np.ndarray) -> np.ndarray:
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 (H, W, 3) RGB image, got {image.dtype} {image.shape}")
     return image
+
+
+# ---------------------------------------------------------------------- training curves
+_LOG_KEYS = {"event", "stage", "epoch", "step", "lr", "seconds"}
+_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+
+
+def loss_terms(log_path: str | os.PathLike) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """{stage: {term: [(step, value), ...]}} from a ``train_log.jsonl`` (the engine's "step" records, or
+    its "epoch" records when a run logged no steps). Non-finite values (logged as null) are skipped."""
+    import json
+
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    events = [r for r in records if r.get("event") == "step"] or [
+        r for r in records if r.get("event") == "epoch"
+    ]
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for r in events:
+        stage = curves.setdefault(str(r["stage"]), {})
+        for key, value in r.items():
+            if key not in _LOG_KEYS and isinstance(value, (int, float)):
+                stage.setdefault(key, []).append((int(r["step"]), float(value)))
+    return curves
+
+
+def loss_terms_svg(log_path: str | os.PathLike, width: int = 360, height: int = 200) -> str:
+    """One inline SVG line chart per training stage with every logged loss term against the optimiser
+    step (one shared y axis, so the term that dominates the total is visible); "" for an empty log."""
+    charts = []
+    for stage, terms in loss_terms(log_path).items():
+        points = [p for series in terms.values() for p in series]
+        if not points:
+            continue
+        x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+        y0, y1 = min(0.0, min(p[1] for p in points)), max(p[1] for p in points)
+        sx = (width - 60) / max(x1 - x0, 1)
+        sy = (height - 50) / max(y1 - y0, 1e-12)
+        parts = [
+            f'<svg class="loss-terms" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">',
+            f'<text x="4" y="14">{html.escape(stage)}: loss terms (y {y0:.3g} to {y1:.3g}) vs step</text>',
+        ]
+        for i, (term, series) in enumerate(sorted(terms.items())):
+            colour = _PALETTE[i % len(_PALETTE)]
+            xy = " ".join(f"{50 + (s - x0) * sx:.1f},{height - 25 - (v - y0) * sy:.1f}" for s, v in series)
+            name = html.escape(term)
+            line = f'<polyline fill="none" stroke="{colour}" points="{xy}">'
+            parts.append(f"{line}<title>{name}</title></polyline>")
+            parts.append(f'<text x="{50 + 60 * (i % 5)}" y="{height - 6 - 12 * (i // 5)}" fill="{colour}">')
+            parts.append(f"{name}</text>")
+        parts.append("</svg>")
+        charts.append("".join(parts))
+    return "".join(charts)
