@@ -98,7 +98,7 @@ def test_debug_adds_the_traceback(capsys):
     assert err.splitlines()[-1].startswith("anomalens: error: unknown dataset kind in 'nonsense'")
 
 
-@pytest.mark.parametrize("command", ["serve", "export"])
+@pytest.mark.parametrize("command", ["export"])
 def test_commands_not_available_yet_exit_2(capsys, command):
     code, out, err = run(capsys, command, "--port", "8000", "model.anomalens")
     assert code == 2 and out == ""

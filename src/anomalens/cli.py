@@ -43,7 +43,6 @@ DEMO_SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "april-gan": ({"image_size": 112}, {"epochs": 2}),
 }
 NOT_YET = {
-    "serve": "the HTTP serving issue",
     "export": "the ONNX/TorchScript export issue",
 }
 SHOWN_ROWS = 20  # detect prints its rows when there are at most this many
@@ -546,6 +545,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from anomalens.serve import run
+
+    run(
+        _model(args),
+        host=args.host,
+        port=args.port,
+        class_name=args.class_name,
+        support=args.support,
+        threshold=args.threshold,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_upload_mb=args.max_upload_mb,
+        max_pixels=args.max_pixels,
+        log_level="warning" if args.quiet else "info",
+    )
+    return 0
+
+
 def cmd_not_yet(args: argparse.Namespace) -> int:
     print(f"{PROG}: not available yet: {args.command} lands with {NOT_YET[args.command]}", file=sys.stderr)
     return 2
@@ -700,6 +719,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", help="backbone name (default: the method's)")
     p.add_argument("--pretrained", type=_pretrained, default="default", help="'none' = random weights")
     _set_option(p, "method/converter option, e.g. configuration=crane+ for Crane (repeatable)")
+
+    p = command("serve", cmd_serve, "HTTP API and web page over a model (the [serve] extra; docs/serve.md)")
+    _model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--class-name", default="object", help="class of requests that name none")
+    p.add_argument(
+        "--support",
+        help="folder of normal images (few-shot): its own for --class-name, sub-folders per class",
+    )
+    p.add_argument("--threshold", type=float, help="verdict threshold (default: the checkpoint's)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="images per micro-batch (default 8)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="wait for a batch to fill (default 5)")
+    p.add_argument("--max-queue", type=int, default=64, help="queued images before 503 (default 64)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="request size limit, 413 (default 20)")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, 413 (default 40e6)")
 
     for name, what in NOT_YET.items():
         command(name, cmd_not_yet, f"not available yet (lands with {what})")
