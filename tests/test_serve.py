@@ -18,7 +18,7 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 import anomalens  # noqa: E402
-from anomalens.serve import MicroBatcher, QueueFull, create_app, read_support  # noqa: E402
+from anomalens.serve import MicroBatcher, QueueFull, accepts_support, create_app, read_support  # noqa: E402
 
 # Batched and single-image predictions agree to this (as in test_methods' batch-invariance test).
 ATOL = 1e-4
@@ -243,6 +243,14 @@ def test_zero_shot_methods_refuse_support(zero_shot, tmp_path):
     assert response.status_code == 400 and "zero-shot" in response.json()["error"]
     with pytest.raises(ValueError, match="zero-shot"):
         create_app(zero_shot, support=tmp_path)
+
+
+def test_methods_that_accept_support():
+    from anomalens.methods.base import method_class
+
+    accepting = {name for name in anomalens.list_methods() if accepts_support(method_class(name))}
+    assert {"patchcore", "inctrl", "winclip", "april-gan"} <= accepting
+    assert not accepting & {"aa-clip", "crane", "anomalyclip"}
 
 
 def test_read_support_classes_and_errors(tmp_path):

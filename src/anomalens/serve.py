@@ -55,10 +55,11 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from anomalens.data import DataError, read_image
 from anomalens.data.formats import IMAGE_SUFFIXES
+from anomalens.methods.base import Method
 from anomalens.viz import overlay
 
 if TYPE_CHECKING:
-    from anomalens.methods.base import Method, Prediction
+    from anomalens.methods.base import Prediction
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def create_app(
             raise ValueError(f"{name} must be at least 1, got {value}")
     if max_wait_ms < 0 or max_upload_mb <= 0 or max_pixels < 1:
         raise ValueError("max_wait_ms must be >= 0, max_upload_mb and max_pixels > 0")
-    if support is not None and not model.needs_support:
+    if support is not None and not accepts_support(type(model)):
         raise ValueError(f"method {model.name!r} is zero-shot: it takes no support images")
     supports = dict(support) if isinstance(support, dict) else read_support(support, class_name)
     state = _State(model, class_name, model.threshold if threshold is None else threshold, supports)
@@ -169,6 +170,7 @@ def create_app(
             "image_size": getattr(model.backbone, "image_size", None),
             "threshold": state.threshold,
             "needs_support": model.needs_support,
+            "accepts_support": accepts_support(type(model)),
             "default_class": state.class_name,
             "classes": sorted(state.support),  # classes with support images (few-shot methods)
             "max_batch_size": max_batch_size,
@@ -208,12 +210,18 @@ def create_app(
 
     @app.post("/v1/support/{class_name}")
     async def set_support(class_name: str, image: Annotated[list[UploadFile], File()]) -> dict[str, Any]:
-        if not model.needs_support:
+        if not accepts_support(type(model)):
             raise HTTPException(400, f"method {model.name!r} is zero-shot: it takes no support images")
         state.support[class_name] = await run_in_threadpool(_decode_uploads, image, max_pixels)
         return {"class_name": class_name, "shots": len(image), "classes": sorted(state.support)}
 
     return app
+
+
+def accepts_support(method: type[Method]) -> bool:
+    """Whether a method scores with support images: few-shot methods need them, others (WinCLIP+,
+    APRIL-GAN's few-shot memory) use them for the classes that have some."""
+    return method.needs_support or method.prepare_support is not Method.prepare_support
 
 
 def read_support(folder: str | os.PathLike | None, class_name: str = DEFAULT_CLASS) -> dict[str, list]:
@@ -338,7 +346,7 @@ class _State:
 
     def score(self, images: list[np.ndarray], class_name: str) -> Prediction:
         """`Method.predict` on one batch (runs on the worker thread)."""
-        support = self.support.get(class_name) if self.model.needs_support else None
+        support = self.support.get(class_name) if accepts_support(type(self.model)) else None
         return self.model.predict(images, class_name, support=support, batch_size=len(images))
 
     def result(self, image: np.ndarray, score: float, amap: np.ndarray, heatmap: bool) -> dict[str, Any]:
