@@ -492,7 +492,7 @@ def _is_loopback(host: str) -> bool:
 
 def _png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)  # fast; heatmaps compress well
     return buffer.getvalue()
 
 
