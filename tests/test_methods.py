@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import anomalens as al
+from anomalens.backbones.registry import TINY_BACKBONES
 from anomalens.methods.base import method_class
 
 SIZE = 64
-TINY = {"backbone": "test-tiny", "pretrained": None, "device": "cpu", "image_size": SIZE}
+TINY = {"pretrained": None, "device": "cpu", "image_size": SIZE}
 
 
 def _images(n: int, seed: int, size: int = SIZE) -> np.ndarray:
@@ -19,7 +20,7 @@ def _images(n: int, seed: int, size: int = SIZE) -> np.ndarray:
 
 def _build(name: str) -> al.methods.Method:
     torch.manual_seed(0)
-    return al.create(name, **TINY)
+    return al.create(name, backbone=TINY_BACKBONES[method_class(name).backbone_kind], **TINY)
 
 
 def _support(name: str) -> np.ndarray | None:
@@ -35,6 +36,7 @@ def test_all_design_methods_registered():
     expected = {
         "aa-clip",
         "anomalyclip",
+        "anomalydino",
         "april-gan",
         "core-clip",
         "crane",
@@ -106,12 +108,12 @@ def test_support_required_error(name):
 def test_unknown_option_is_named():
     name = al.list_methods()[0]
     with pytest.raises(ValueError, match="no_such_option"):
-        al.create(name, no_such_option=1, **TINY)
+        al.create(name, no_such_option=1, backbone="test-tiny", **TINY)
 
 
 def test_unknown_method_lists_available():
     with pytest.raises(ValueError, match="available"):
-        al.create("nope", **TINY)
+        al.create("nope", backbone="test-tiny", **TINY)
 
 
 def test_short_side_crop_maps_land_on_the_cropped_square():

@@ -250,12 +250,17 @@ def benchmark(
 
     import torch
 
+    from anomalens.backbones.registry import TINY_BACKBONES
     from anomalens.methods import create
+    from anomalens.methods.base import method_class
 
     rng = np.random.default_rng(seed)
     rows = []
     for name in methods:
-        model = create(name, backbone=backbone, pretrained=pretrained, device=device, **(options or {}))
+        # A tiny test backbone stands for the tiny backbone of each method's family (CLIP or DINO).
+        tiny = backbone in TINY_BACKBONES.values()
+        own = TINY_BACKBONES[method_class(name).backbone_kind] if tiny else backbone
+        model = create(name, backbone=own, pretrained=pretrained, device=device, **(options or {}))
         support = list(rng.integers(0, 256, (shots, image_size, image_size, 3), dtype=np.uint8))
         support = support if model.needs_support else None
         cuda = model.device.type == "cuda"

@@ -1,21 +1,28 @@
-"""Frozen DINOv2 (timm) patch features, for Crane's D-Attn (paper 003 Eq. 5).
+"""Frozen DINOv2 (timm) patch features, for Crane's D-Attn (paper 003 Eq. 5) and AnomalyDINO.
 
-Features follow the official Crane code: last block *with* the final norm (DINOv2's
+Features follow the official Crane and AnomalyDINO code: last block *with* the final norm (DINOv2's
 ``get_intermediate_layers`` default; timm needs ``norm=True``, which is what ``forward_features`` gives),
-patch tokens only (CLS and registers dropped), from the CLIP input tensor un-normalised, clamped to
-[0, 1] and re-normalised with ImageNet statistics.
+patch tokens only (CLS and registers dropped). Crane feeds the CLIP input tensor un-normalised, clamped
+to [0, 1] and re-normalised with ImageNet statistics (`DinoBackbone.patch_features`); a method whose
+only backbone is DINO preprocesses images itself (`DinoBackbone.preprocess` + `DinoBackbone.encode`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torchvision.transforms import InterpolationMode
 
+from anomalens.backbones.clip import _resize_pil
 from anomalens.backbones.registry import (
     DEFAULT_DINO,
     DINO_MEAN,
@@ -33,10 +40,13 @@ class DinoBackbone(nn.Module):
     """A frozen timm ViT (DINOv2 with registers) giving normalised last-block patch tokens.
 
     Attributes: ``name``, ``pretrained``, ``patch_size``, ``width`` (token dim C), ``mean`` / ``std``
-    (ImageNet statistics).
+    (ImageNet statistics), and, when built with an ``image_size`` (S), ``image_size`` and ``grid``
+    (S // patch, S // patch) of `preprocess` / `encode`.
     """
 
-    def __init__(self, model: VisionTransformer, *, name: str, pretrained: str | None) -> None:
+    def __init__(
+        self, model: VisionTransformer, *, name: str, pretrained: str | None, image_size: int | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.name = name
@@ -45,6 +55,16 @@ class DinoBackbone(nn.Module):
         self.width = int(model.embed_dim)
         self.mean = tuple(DINO_MEAN)
         self.std = tuple(DINO_STD)
+        self.image_size = image_size
+        self.grid: tuple[int, int] | None = None
+        if image_size is not None:
+            side = image_size // self.patch_size
+            if side < 1:
+                raise ValueError(
+                    f"{name}: image_size {image_size} is smaller than one {self.patch_size}px patch"
+                )
+            self.grid = (side, side)
+            self._resample_positional_embedding(self.grid)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.model.eval()
@@ -58,6 +78,60 @@ class DinoBackbone(nn.Module):
         self.training = mode
         self.model.eval()
         return self
+
+    @torch.no_grad()
+    def _resample_positional_embedding(self, grid: tuple[int, int]) -> None:
+        """Resample the grid part of the positional embedding once, the way the official DINOv2 hub
+        models do at run time: models without registers bicubic with ``scale_factor = (g + 0.1) / g0``
+        and no antialiasing (``interpolate_offset=0.1``), models with registers bicubic to the size with
+        antialiasing (timm's dynamic resampling does the latter for every model)."""
+        model = self.model
+        old = tuple(model.patch_embed.grid_size)
+        if grid == old:
+            return
+        prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+        pos = model.pos_embed.detach().float()  # (1, prefix + g0*g0, C)
+        head, body = pos[:, :prefix], pos[:, prefix:]
+        body = body.reshape(1, *old, -1).permute(0, 3, 1, 2)  # (1, C, g0, g0)
+        if model.reg_token is None:
+            scale = tuple((g + 0.1) / o for g, o in zip(grid, old, strict=True))
+            body = F.interpolate(body, scale_factor=scale, mode="bicubic", antialias=False)
+        else:
+            body = F.interpolate(body, size=grid, mode="bicubic", antialias=True)
+        body = body.permute(0, 2, 3, 1).reshape(1, math.prod(grid), -1)  # (1, g*g, C)
+        model.pos_embed = nn.Parameter(torch.cat([head, body], dim=1).to(model.pos_embed.dtype))
+        model.patch_embed.grid_size = grid
+        model.patch_embed.img_size = tuple(g * self.patch_size for g in grid)
+
+    def preprocess(self, images: Sequence[np.ndarray] | np.ndarray, resize: str = "squash") -> torch.Tensor:
+        """uint8 RGB images (H, W, 3), any sizes → ImageNet-normalised (B, 3, s, s) float32 on the device.
+
+        PIL bicubic resize to S×S ("squash") or short side to S then centre crop ("short_side_crop"),
+        then the bottom/right pixels beyond the last whole patch are cropped (s = grid · patch), as the
+        official AnomalyDINO code does.
+        """
+        if self.image_size is None:
+            raise ValueError(f"{self.name}: preprocess needs a backbone built with image_size")
+        tensors = []
+        for image in images:
+            array = np.asarray(image)
+            if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+                raise ValueError(f"expected uint8 (H, W, 3) RGB images, got {array.dtype} {array.shape}")
+            pil = _resize_pil(Image.fromarray(array), self.image_size, resize, InterpolationMode.BICUBIC)
+            tensors.append(TF.pil_to_tensor(pil))  # (3, S, S) uint8
+        side = self.grid[0] * self.patch_size
+        x = torch.stack(tensors)[:, :, :side, :side].to(self.device, torch.float32).div_(255.0)
+        mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
+        return (x - mean) / std  # (B, 3, s, s)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Last-block, final-norm patch tokens of ImageNet-normalised (B, 3, s, s) images → (B, gh, gw, C)."""
+        dtype = self.model.patch_embed.proj.weight.dtype
+        tokens = self.model.forward_features(images.to(self.device, dtype))  # (B, prefix + gh*gw, C)
+        patches = tokens[:, self.model.num_prefix_tokens :]  # (B, gh*gw, C)
+        gh, gw = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        return patches.reshape(images.shape[0], gh, gw, -1)
 
     def input_size(self, size: int) -> int:
         """DINO input side for a CLIP input side ``size``: the nearest multiple of the patch size
@@ -87,17 +161,14 @@ class DinoBackbone(nn.Module):
         side = self.input_size(x.shape[-1])
         if tuple(x.shape[-2:]) != (side, side):
             x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)  # (B, 3, s, s)
-        dtype = self.model.patch_embed.proj.weight.dtype
-        tokens = self.model.forward_features(x.to(dtype))  # (B, prefix + gh*gw, C), final norm applied
-        patches = tokens[:, self.model.num_prefix_tokens :]  # (B, gh*gw, C)
-        grid = side // self.patch_size
-        return patches.reshape(x.shape[0], grid, grid, -1)  # (B, gh, gw, C)
+        return self.encode(x)  # (B, gh, gw, C)
 
 
 def load_dino(
     name: str = DEFAULT_DINO,
     pretrained: str | bool | None = True,
     device: str | torch.device = "cpu",
+    image_size: int | None = None,
 ) -> DinoBackbone:
     """Build a frozen `DinoBackbone`.
 
@@ -107,6 +178,9 @@ def load_dino(
             or a download when the host is reachable; `WeightsUnavailableError` within seconds otherwise);
             a local file path; None / False / "none" = random weights (seeded, reproducible).
         device: "cpu", "cuda", or "auto".
+        image_size: input side S of `DinoBackbone.preprocess`; the positional embedding is resampled
+            once to the S // patch grid (None: keep the model's size; other sizes are resampled per call
+            by timm).
     """
     path = None
     if name == TEST_TINY_DINO:
@@ -134,4 +208,5 @@ def load_dino(
                 dynamic_img_size=True,
             )
     label = None if is_random(pretrained) else ("timm" if pretrained is True else str(pretrained))
-    return DinoBackbone(model, name=name, pretrained=label).to(resolve_device(device))
+    backbone = DinoBackbone(model, name=name, pretrained=label, image_size=image_size)
+    return backbone.to(resolve_device(device))

@@ -40,6 +40,8 @@ RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 TEST_TINY = "test-tiny"
 TEST_TINY_DINO = "test-tiny-dino"
 DEFAULT_DINO = "vit_base_patch14_reg4_dinov2.lvd142m"
+# The package's random tiny backbone of each family (a method's `backbone_kind`).
+TINY_BACKBONES = {"clip": TEST_TINY, "dino": TEST_TINY_DINO}
 PAPER_BACKBONES = ("ViT-B-16", "ViT-B-16-plus-240", "ViT-L-14", "ViT-L-14-336")
 # Weight file names shared by many HF repositories: never matched on their own in a flat cache folder.
 GENERIC_HF_FILES = (HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, "model.safetensors", "pytorch_model.bin")

@@ -4,6 +4,7 @@
 from anomalens.methods import (  # noqa: E402, F401
     aa_clip,
     anomalyclip,
+    anomalydino,
     april_gan,
     core_clip,
     crane,

@@ -173,6 +173,9 @@ class Method(nn.Module):
     default_pretrained: ClassVar[str | None] = "openai"
     needs_support: ClassVar[bool] = False
     trainable: ClassVar[bool] = False
+    # Which backbone family `build` loads: "clip" (open_clip names, `test-tiny`) or "dino" (timm DINOv2
+    # names, `test-tiny-dino`).
+    backbone_kind: ClassVar[str] = "clip"
     resize: ClassVar[str] = "squash"  # squash | short_side_crop
     pos_interp: ClassVar[str] = "bicubic"
     # What `train --shots N` means (`data.shot_subset`): "per_label" = N normal + N anomalous images per
@@ -282,10 +285,21 @@ class Method(nn.Module):
             for key, value in (rest[0] if rest else {}).items():
                 extras.setdefault(key, []).append(value.detach().double().cpu().numpy())
             scores.append(s.float().cpu())
-            maps.extend(resize_maps(m.float(), [a.shape[:2] for a in chunk], self.resize))
+            sized = resize_maps(m.float(), [a.shape[:2] for a in chunk], self.resize)
+            maps.extend(self.finish_map(a) for a in sized)
         out_scores = torch.cat(scores).numpy().astype(np.float32)
         out_maps = np.stack(maps) if len({m.shape for m in maps}) == 1 else maps
         return Prediction(out_scores, out_maps, {k: np.concatenate(v) for k, v in extras.items()})
+
+    def finish_map(self, amap: np.ndarray) -> np.ndarray:
+        """Last step on each (H, W) map at its image's own resolution (after `resize_maps`); identity
+        unless a method smooths at full resolution as its official code does (AnomalyDINO)."""
+        return amap
+
+    def support_images(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """The images the support context is built from, before preprocessing (default: the support
+        itself; AnomalyDINO adds rotated copies)."""
+        return arrays
 
     def _support_context(self, arrays: list[np.ndarray]) -> Any:
         digest = hashlib.sha1()
@@ -294,7 +308,7 @@ class Method(nn.Module):
             digest.update(np.ascontiguousarray(a).tobytes())
         key = digest.hexdigest()
         if key != self._support_key:
-            x = self.backbone.preprocess(arrays, resize=self.resize).to(self.device)
+            x = self.backbone.preprocess(self.support_images(arrays), resize=self.resize).to(self.device)
             self._support_ctx = self.prepare_support(x)
             self._support_key = key
         return self._support_ctx
