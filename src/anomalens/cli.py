@@ -126,9 +126,10 @@ def detect(
     result = Detection(out / "scores.csv")
     names: set[str] = set()
     bar = tqdm(total=len(files), desc="detect", unit="img", disable=not progress, leave=False)
-    for start in range(0, len(files), batch_size):
+    step = len(files) if model.set_level else batch_size  # a set-level method scores all files as one set
+    for start in range(0, len(files), step):
         chunk, images = [], []
-        for path in files[start : start + batch_size]:
+        for path in files[start : start + step]:
             try:
                 images.append(read_image(path))
                 chunk.append(path)
@@ -146,7 +147,7 @@ def detect(
                     result.heatmaps.append(
                         save_png(overlay(image, amap, alpha, vmin, vmax), out / "heatmaps" / f"{name}.png")
                     )
-        bar.update(len(files[start : start + batch_size]))
+        bar.update(len(files[start : start + step]))
     bar.close()
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

@@ -265,6 +265,8 @@ def benchmark(
         support = support if model.needs_support else None
         cuda = model.device.type == "cuda"
         for bs in tqdm(batch_sizes, desc=f"bench {name}", disable=not progress, leave=False):
+            if model.set_level and bs < 2:
+                continue  # a set-level method scores images against each other: no set of one
             images = rng.integers(0, 256, (bs, image_size, image_size, 3), dtype=np.uint8)
             for _ in range(warmup):
                 model.predict(images, "object", support=support, batch_size=bs)
@@ -336,8 +338,9 @@ def _predict_class(
 ) -> tuple[Prediction, list[np.ndarray | None]]:
     """Predictions for the images `indices` of one class, and their masks (None for normal images)."""
     scores, maps, masks, extras = [], [], [], {}
-    for start in range(0, len(indices), batch_size):
-        samples = [dataset[i] for i in indices[start : start + batch_size]]
+    step = len(indices) if method.set_level else batch_size  # a set-level method scores the class at once
+    for start in range(0, len(indices), step):
+        samples = [dataset[i] for i in indices[start : start + step]]
         pred = method.predict([s.image for s in samples], class_name, support=support, batch_size=batch_size)
         scores.append(pred.scores)
         maps.extend(pred.maps)

@@ -9,6 +9,7 @@ from anomalens.methods import (  # noqa: E402, F401
     core_clip,
     crane,
     inctrl,
+    musc,
     patchcore,
     winclip,
 )

@@ -176,6 +176,9 @@ class Method(nn.Module):
     # Which backbone family `build` loads: "clip" (open_clip names, `test-tiny`) or "dino" (timm DINOv2
     # names, `test-tiny-dino`).
     backbone_kind: ClassVar[str] = "clip"
+    # A set-level method scores the images of one `predict` call against each other (MuSc): an image's
+    # score depends on the set, but not on the set's order nor on `batch_size`.
+    set_level: ClassVar[bool] = False
     resize: ClassVar[str] = "squash"  # squash | short_side_crop
     pos_interp: ClassVar[str] = "bicubic"
     # What `train --shots N` means (`data.shot_subset`): "per_label" = N normal + N anomalous images per
