@@ -10,7 +10,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 $(BIN)/anomalens: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[test,serve]"
+	$(BIN)/pip install -q -e ".[test,serve,export]"
 	touch $(BIN)/anomalens
 
 venv: $(BIN)/anomalens

@@ -98,14 +98,6 @@ def test_debug_adds_the_traceback(capsys):
     assert err.splitlines()[-1].startswith("anomalens: error: unknown dataset kind in 'nonsense'")
 
 
-@pytest.mark.parametrize("command", ["export"])
-def test_commands_not_available_yet_exit_2(capsys, command):
-    code, out, err = run(capsys, command, "--port", "8000", "model.anomalens")
-    assert code == 2 and out == ""
-    (line,) = err.splitlines()
-    assert line.startswith(f"anomalens: not available yet: {command} lands with ")
-
-
 def test_convert_official_crane_checkpoint(capsys, tmp_path):
     import torch
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from anomalens import metrics as al_metrics
 from anomalens import viz
 
 
@@ -98,32 +100,76 @@ def test_select_cases():
     ]
 
 
-def test_html_report_embeds_images_per_class(tmp_path: Path):
-    rng = np.random.default_rng(1)
+def _class_report(group: str, cls: str, seed: int, defects: bool = True) -> viz.ClassReport:
+    """A class of 4 normal and 4 anomalous images (two defect types) with one case of each kind."""
+    rng = np.random.default_rng(seed)
     mask = np.zeros((40, 40), bool)
     mask[5:15, 5:15] = True
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([0.1, 0.2, 0.35, 0.3, 0.9, 0.25, 0.8, 0.7])
+    kinds = ["", "", "", "", "crack", "crack", "hole", "hole"] if defects else [""] * 8
     entries = [
         viz.ReportEntry(
             rng.integers(0, 256, (40, 40, 3), dtype=np.uint8),
             rng.random((10, 10)).astype(np.float32),
-            score=0.75,
-            label=1,
+            score=score,
+            label=label,
             class_name=cls,
-            path=f"/data/{cls}/<odd>&name.png",
-            case=viz.TOP_ANOMALIES,
-            mask=mask,
-            group="mvtec",
+            path=f"{cls}/test/<odd>&name.png",
+            case=case,
+            mask=mask if label else None,
+            group=group,
+            mask_threshold=0.5,
         )
-        for cls in ("bottle", "grid")
+        for case, score, label in ((viz.TOP_ANOMALIES, 0.9, 1), (viz.FALSE_ALARMS, 0.35, 0))
     ]
-    path = viz.html_report(entries, tmp_path / "report.html", title="My <report>")
+    metrics = {"image_auroc": 0.875, "pixel_auroc": None}
+    return viz.ClassReport(group, cls, labels, scores, kinds, metrics, entries, threshold=0.5)
+
+
+def test_curve_points_match_the_metrics():
+    labels = np.array([0, 1, 0, 1, 1, 0, 1])
+    scores = np.array([0.1, 0.4, 0.4, 0.8, 0.3, 0.2, 0.9])  # a tie between a normal and an anomaly
+    points = viz.curve_points(labels, scores)
+    fpr, tpr = points["fpr"], points["tpr"]
+    area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))  # trapezoids under the plotted curve
+    assert area == pytest.approx(al_metrics.image_auroc(labels, scores))
+    # Hand-checked: thresholds 0.9, 0.8, 0.4 (one of each label), 0.3, 0.2, 0.1.
+    np.testing.assert_allclose(points["thresholds"], [0.9, 0.8, 0.4, 0.3, 0.2, 0.1])
+    np.testing.assert_allclose(points["precision"], [1, 1, 3 / 4, 4 / 5, 4 / 6, 4 / 7])
+    np.testing.assert_allclose(points["recall"], [1 / 4, 2 / 4, 3 / 4, 1, 1, 1])
+    assert viz.f1_threshold(labels, scores) == 0.3  # F1 = 8/9 there, the maximum
+    assert viz.curve_points(np.zeros(3), np.arange(3.0))["fpr"].size == 0  # one class only: no curve
+    assert viz.f1_threshold(np.zeros(3), np.arange(3.0)) is None
+
+
+def test_normal_pixel_threshold():
+    maps = [np.arange(100, dtype=np.float32).reshape(10, 10), np.full((10, 10), 1000.0, np.float32)]
+    labels = np.array([0, 1])  # the anomalous map is ignored
+    assert viz.normal_pixel_threshold(labels, maps, fpr=0.1) == pytest.approx(
+        np.quantile(np.arange(100), 0.9)
+    )
+    assert viz.normal_pixel_threshold(np.array([1, 1]), maps) is None
+
+
+def test_html_report_has_metrics_curves_histogram_defects_and_cases(tmp_path: Path):
+    classes = [_class_report("mvtec", "bottle", 1), _class_report("mvtec", "grid", 2, defects=False)]
+    path = viz.html_report(classes, tmp_path / "report.html", title="My <report>")
     text = path.read_text()
     assert "<title>My &lt;report&gt;</title>" in text
-    assert "mvtec / bottle" in text and "mvtec / grid" in text
+    assert text.index('id="metrics"') < text.index('<svg class="roc"')  # the table comes first
+    assert "<td>mvtec / bottle</td><td>87.5</td><td>–</td>" in text and "mvtec / mean" in text
+    assert text.count('<svg class="roc"') == 2 and text.count('<svg class="pr"') == 2
+    assert text.count('<polyline class="curve"') == 4
+    assert (
+        text.count('<svg class="histogram"') == 2 and text.count('class="threshold"') == 4
+    )  # F1 + calibrated
+    assert text.count('class="defects"') == 1  # only bottle names its defect types
+    assert "<td>crack</td><td>2</td>" in text and "<td>hole</td><td>2</td>" in text
     assert "&lt;odd&gt;&amp;name.png" in text and "<odd>" not in text
-    assert "score 0.7500" in text
+    assert "http" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "")  # nothing fetched
     uris = text.split('src="data:image/png;base64,')[1:]
-    assert len(uris) == 4  # image with outline + overlay, per entry
+    assert len(uris) == 2 * 2 * 4  # 2 classes × 2 cases × (image, ground truth, heatmap, thresholded)
     thumb = Image.open(io.BytesIO(base64.b64decode(uris[0].split('"')[0])))
     assert thumb.size == (40, 40) and thumb.mode == "RGB"
 
@@ -168,3 +214,34 @@ def test_loss_terms_are_read_per_stage_and_plotted(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"event": "start"}) + "\n")
     assert loss_terms_svg(empty) == ""
+
+
+def test_report_renders_in_a_headless_browser(tmp_path: Path):
+    """Chromium opens the file without console errors and draws the curves and the images."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)")
+    path = viz.html_report([_class_report("mvtec", "bottle", 1)], tmp_path / "report.html")
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        driver.get(path.as_uri())
+        drawn = driver.execute_script(
+            "const len = s => [...document.querySelectorAll(s)].map(e => e.getTotalLength());"
+            "return {roc: len('svg.roc polyline.curve'), pr: len('svg.pr polyline.curve'),"
+            " bars: document.querySelectorAll('svg.histogram rect[class^=bar]').length,"
+            " images: [...document.images].map(i => i.complete && i.naturalWidth)};"
+        )
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        driver.quit()
+    assert errors == []
+    assert len(drawn["roc"]) == 1 and drawn["roc"][0] > 100  # a curve across the plot, in pixels
+    assert len(drawn["pr"]) == 1 and drawn["pr"][0] > 100
+    assert drawn["bars"] >= 4
+    assert len(drawn["images"]) == 8 and all(w == 40 for w in drawn["images"])

@@ -20,13 +20,15 @@ _LAZY = {
     "data": "anomalens.data",
     "methods": "anomalens.methods",
     "metrics": "anomalens.metrics",
+    "OnnxModel": "anomalens.onnx_model",
 }
 
-__all__ = ["Prediction", "__version__", "create", "data", "list_methods", "load", "metrics"]
+__all__ = ["OnnxModel", "Prediction", "__version__", "create", "data", "list_methods", "load", "metrics"]
 
 if TYPE_CHECKING:
     from anomalens import data, metrics
     from anomalens.methods import Prediction, create, list_methods, load
+    from anomalens.onnx_model import OnnxModel
 
 
 def __getattr__(name: str) -> Any:

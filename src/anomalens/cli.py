@@ -42,9 +42,6 @@ DEMO_SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     ),
     "april-gan": ({"image_size": 112}, {"epochs": 2}),
 }
-NOT_YET = {
-    "export": "the ONNX/TorchScript export issue",
-}
 SHOWN_ROWS = 20  # detect prints its rows when there are at most this many
 
 
@@ -185,7 +182,7 @@ def run_demo(
     import anomalens.data as al_data
     from anomalens.evaluation import evaluate_method, markdown_table, write_results
     from anomalens.methods import create, list_methods
-    from anomalens.viz import atomic_write, case_entries, html_report
+    from anomalens.viz import atomic_write, class_report, html_report
 
     available = list_methods()
     name = method or next((m for m in DEMO_METHODS if m in available), None)
@@ -210,21 +207,19 @@ def run_demo(
     model.fit(
         al_data.load(train_spec, "test", classes), out_dir=out, seed=seed, progress=progress, **schedule
     )
-    entries = []
+    sections = []
     trained = evaluate_method(
         model,
         eval_data,
         progress=progress,
-        on_class=lambda r: entries.extend(
-            case_entries(r.data, r.indices, r.scores, r.maps, group=r.dataset_name)
-        ),
+        on_class=lambda r: sections.append(class_report(r, threshold=model.threshold)),
         **support,
     )
     write_results(untrained, out / "untrained")
     write_results(trained, out)
     comparison = demo_table(untrained, trained)
     atomic_write(out / "results.md", comparison + "\n" + markdown_table(trained))
-    html_report(entries, out / "report.html", title=f"anomalens demo: {name} on synthetic defects (trained)")
+    html_report(sections, out / "report.html", title=f"anomalens demo: {name} on synthetic defects (trained)")
     return {"method": name, "untrained": untrained, "trained": trained}
 
 
@@ -277,7 +272,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    model = _model(args)
+    model = _onnx_model(args.onnx, args) if args.onnx else _model(args)
     result = detect(
         model,
         args.inputs,
@@ -354,18 +349,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import anomalens.data as al_data
     from anomalens.evaluation import ClassResult, markdown_table, write_results
     from anomalens.protocols import run_protocol
-    from anomalens.viz import ReportEntry, case_entries, html_report
+    from anomalens.viz import ClassReport, class_report, html_report
 
     for spec in args.data:  # a mistyped spec fails before a large model is loaded
         al_data.parse_spec(spec)
     model = _model(args)
     protocol = args.protocol or _default_protocol(args.shots, args.seeds)
-    collected: dict[tuple[str, str], list[ReportEntry]] = {}
+    collected: dict[tuple[str, str], ClassReport] = {}
 
     def collect(r: ClassResult) -> None:  # the report shows the first run of each class (first K, draw)
         if (r.dataset_name, r.class_name) not in collected:
-            entries = case_entries(r.data, r.indices, r.scores, r.maps, group=r.dataset_name)
-            collected[(r.dataset_name, r.class_name)] = entries
+            collected[(r.dataset_name, r.class_name)] = class_report(r, threshold=model.threshold)
 
     results = run_protocol(
         protocol,
@@ -386,11 +380,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(markdown_table(results))
     print(f"results: {path} and {path.with_suffix('.md')}")
     if args.report:
-        entries = [e for group in collected.values() for e in group]
         title = f"anomalens eval: {model.name}, {protocol}"
         if protocol == "generalist":
             title += f" (images of the first run: K={results['shots'][0]}, seed {results['seeds'][0]})"
-        report = html_report(entries, Path(args.out) / "report.html", title=title)
+        report = html_report(list(collected.values()), Path(args.out) / "report.html", title=title)
         print(f"report: {report}")
     return 0
 
@@ -566,9 +559,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_not_yet(args: argparse.Namespace) -> int:
-    print(f"{PROG}: not available yet: {args.command} lands with {NOT_YET[args.command]}", file=sys.stderr)
-    return 2
+def cmd_export(args: argparse.Namespace) -> int:
+    from anomalens.export import export_onnx
+
+    support = expand_inputs(args.support) if args.support else None
+    path = export_onnx(_model(args), args.out, args.class_names, support=support, opset=args.opset)
+    print(f"wrote {path} (classes: {', '.join(args.class_names)})")
+    return 0
+
+
+def _onnx_model(path: str, args: argparse.Namespace) -> Any:
+    """`detect --onnx`: an exported model run by ONNX Runtime (no torch), in place of a method."""
+    from anomalens.onnx_model import OnnxModel
+
+    if args.checkpoint or args.method or args.support:
+        _usage_error("--onnx replaces --checkpoint/--method/--support (the export holds its support set)")
+    return OnnxModel(path)
 
 
 # ---------------------------------------------------------------------- parser
@@ -605,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in the overlays")
     p.add_argument("--no-heatmaps", action="store_true", help="write scores only")
+    p.add_argument("--onnx", help="an exported model (.onnx), run with ONNX Runtime instead of torch")
 
     p = command("train", cmd_train, "train a method on dataset(s) and write <out>/model.anomalens")
     _model_options(p, checkpoint=False)
@@ -736,9 +743,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="queued images before 503 (default 64)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="request size limit, 413 (default 20)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, 413 (default 40e6)")
-
-    for name, what in NOT_YET.items():
-        command(name, cmd_not_yet, f"not available yet (lands with {what})")
+    p = command("export", cmd_export, "export a model to ONNX (docs/export.md): scores and maps, no torch")
+    _model_options(p)
+    p.add_argument(
+        "--class-name",
+        dest="class_names",
+        action="append",
+        required=True,
+        help="class to bake in (repeatable)",
+    )
+    p.add_argument("--format", default="onnx", choices=("onnx",), help="export format (default onnx)")
+    p.add_argument("--support", nargs="+", help="normal images baked in (few-shot methods)")
+    p.add_argument("--out", required=True, help="output file (.onnx)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: torch's)")
     return parser
 
 
@@ -755,7 +772,7 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    if unknown and args.command not in NOT_YET:
+    if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     # Warnings and library log records become "anomalens: warning: ..." lines, unless --debug.
     log_handler = logging.StreamHandler(sys.stderr)

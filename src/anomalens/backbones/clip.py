@@ -455,7 +455,8 @@ class ClipBackbone(nn.Module):
         cls = x[:, :1].unsqueeze(1).expand(b, n_win, 1, d)  # (B, n_win, 1, D)
         seqs = torch.cat([cls, x[:, index]], dim=2).reshape(b * n_win, 1 + k, d)  # (B*n_win, 1+k, D)
         pooled = []
-        for part in seqs.split(chunk):
+        # An exported graph has a symbolic batch, so it runs all sequences at once (no Python loop).
+        for part in [seqs] if torch.compiler.is_exporting() else seqs.split(chunk):
             for block in self.model.visual.transformer.resblocks:
                 part = self._run_block(block, part)
             pooled.append(part[:, 0])  # (chunk, D)
@@ -508,9 +509,10 @@ class ClipBackbone(nn.Module):
             x = prompt_embeddings
         x = x.to(cast) + model.positional_embedding.to(cast)  # (C, L, Dt)
         attn_mask = model.attn_mask
-        if attn_mask is not None and model.text_pool_type == "argmax":
+        if attn_mask is not None and model.text_pool_type == "argmax" and not torch.compiler.is_exporting():
             # Causal attention: positions after the last EOT never reach an EOT token, so dropping them
-            # changes nothing (adapters act per token) and saves most of the 77-token cost.
+            # changes nothing (adapters act per token) and saves most of the 77-token cost. An exported
+            # graph keeps all positions: the cut depends on token values, which a graph cannot branch on.
             keep = max(
                 [int(tokens.argmax(dim=-1).max()) + 1] + [1 + p.shape[-2] for p in deep_prompts.values()]
             )

@@ -410,7 +410,7 @@ class CSRLayer(nn.Module):
     def forward(self, x: torch.Tensor, branch_ids: Sequence[int] | None = None) -> torch.Tensor:
         """Apply the branches ``branch_ids`` (default: all, in order) to their slices of the stacked batch."""
         ids = range(len(self.modules_per_branch)) if branch_ids is None else branch_ids
-        chunks = x.chunk(len(ids))  # each (B, M, D)
+        chunks = x.unflatten(0, (len(ids), -1)).unbind(0)  # each (B, M, D); no split guard in export
         out = [self.modules_per_branch[k](chunk) for k, chunk in zip(ids, chunks, strict=True)]
         return csr_update(x, torch.cat(out), self.lam)  # (n·B, M, D)
 

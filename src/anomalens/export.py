@@ -1,0 +1,240 @@
+"""ONNX export of a detector: one self-contained graph that ONNX Runtime runs without torch.
+
+The graph (`ExportGraph`) takes float32 ``images`` (B, 3, S, S) RGB in [0, 1] with a dynamic batch B,
+normalises them with the backbone's mean/std, runs the method's ``forward_batch`` and returns
+``scores`` (B,) and ``maps`` (B, S, S) (bilinear to S when the method's maps are coarser), exactly what
+`Method.predict` computes for an S×S input before it resizes maps to each image's own size.
+
+Everything that does not depend on the image is evaluated once in eager mode and baked into the graph
+as constants: the text anchors of the exported classes (the text tower never runs at inference) and,
+for few-shot methods, the features of the support set. With several classes the graph has a second
+input ``class_index`` (B,) int64 into the metadata's class list: the anchors of all exported classes are
+in the graph and each image uses its own class's (one pass over the batch, whatever the classes).
+
+Metadata (ONNX ``metadata_props``, all strings): ``anomalens.method``, ``anomalens.backbone``,
+``anomalens.image_size``, ``anomalens.resize``, ``anomalens.classes`` (JSON list),
+``anomalens.threshold`` (JSON number or null), ``anomalens.support_images``, ``anomalens.version``.
+`anomalens.onnx_model.OnnxModel` reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from anomalens.methods.base import ImageLike, Method, to_arrays
+
+# Methods whose graph cannot be exported yet, with the reason given to the user.
+REFUSED = {
+    "patchcore": (
+        "patchcore cannot be exported to ONNX yet: its maps are smoothed with scipy on the host and its "
+        "nearest-neighbour search loops over the images of a batch in Python; use Method.predict"
+    ),
+    "anomalyclip": (
+        "anomalyclip cannot be exported to ONNX yet: its maps are smoothed with scipy on the host "
+        "(outside torch); use Method.predict"
+    ),
+}
+# Method functions whose result depends only on non-tensor arguments (class names, or none): the text
+# side. They run eagerly before tracing and their results become constants of the graph.
+TEXT_FUNCTIONS = ("text_anchors", "frozen_anchors", "frozen_text", "text_features", "cached_anchors")
+METADATA_PREFIX = "anomalens."
+
+
+class ExportGraph(nn.Module):
+    """(B, 3, S, S) RGB in [0, 1] [+ class_index (B,)] → scores (B,), maps (B, S, S) of one method.
+
+    Call it inside ``with graph.text:`` (see `TextConstants`); the first call records the text side.
+    """
+
+    def __init__(self, method: Method, class_names: Sequence[str], support: Any = None):
+        super().__init__()
+        self.method = method
+        self.text = TextConstants(method, class_names)
+        self.support = support
+        self.size = method.backbone.image_size
+        self.register_buffer(
+            "input_mean", torch.tensor(method.backbone.mean).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "input_std", torch.tensor(method.backbone.std).view(1, 3, 1, 1), persistent=False
+        )
+
+    def forward(
+        self, images: torch.Tensor, class_index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (images - self.input_mean) / self.input_std  # (B, 3, S, S) normalised
+        if class_index is None:
+            class_index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # (B,)
+        self.text.index = class_index
+        scores, maps, *_ = self.method.forward_batch(x, self.text.class_names[:1], self.support)
+        maps = maps.float()  # (B, h, w)
+        if tuple(maps.shape[-2:]) != (self.size, self.size):
+            # The same bilinear resize `Method.predict` applies (align_corners=False).
+            maps = F.interpolate(maps[:, None], size=(self.size,) * 2, mode="bilinear", align_corners=False)
+            maps = maps[:, 0]
+        return scores.float(), maps
+
+
+def export_onnx(
+    method: Method,
+    out: str | os.PathLike,
+    class_names: Sequence[str],
+    support: Sequence[ImageLike] | np.ndarray | None = None,
+    opset: int | None = None,
+) -> Path:
+    """Write ``method`` as an ONNX model to ``out`` (see the module docstring for its contract).
+
+    Args:
+        method: a built or loaded method (it is moved to the CPU for tracing).
+        out: the .onnx file to write; written only once the export succeeded.
+        class_names: the classes whose text anchors are baked in (at least one, no duplicates).
+        support: normal images of the class for few-shot methods (baked in as features); required
+            when the method needs support.
+        opset: ONNX opset (default: torch's).
+
+    Raises:
+        ValueError: an unsupported method, missing support, or bad class names.
+    """
+    if method.name in REFUSED:
+        raise ValueError(REFUSED[method.name])
+    names = list(class_names)
+    if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"class_names: give one or more distinct non-empty names, got {names!r}")
+    if method.needs_support and support is None:
+        raise ValueError(f"method {method.name!r} needs support images (normal images of the class)")
+    method = method.cpu().eval()
+    support_arrays = to_arrays(support, "support") if support is not None else []
+    context = None
+    if support_arrays:
+        with torch.no_grad():
+            context = method.prepare_support(method.backbone.preprocess(support_arrays, resize=method.resize))
+    graph = ExportGraph(method, names, context).eval()
+    size = method.backbone.image_size
+    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    args: tuple[torch.Tensor, ...] = (example,)
+    batch = torch.export.Dim("batch")
+    dynamic: dict[str, Any] = {"images": {0: batch}}
+    inputs = ["images"]
+    if len(names) > 1:
+        args += (torch.zeros(2, dtype=torch.long),)
+        dynamic["class_index"] = {0: batch}
+        inputs.append("class_index")
+    with graph.text, torch.no_grad():
+        graph(*args)  # eager run: evaluates and records the text side
+        try:
+            # Exported here (not by torch.onnx's fallbacks) so that a batch dimension the code cannot
+            # keep symbolic is an error, never a silently fixed batch size.
+            exported = torch.export.export(graph, args, dynamic_shapes=dynamic, strict=False)
+        except Exception as e:  # torch.export raises many types; the first line says what failed
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"{method.name} cannot be exported to ONNX: torch.export failed: {reason}"
+            ) from e
+    program = torch.onnx.export(
+        exported,
+        args,
+        input_names=inputs,
+        output_names=["scores", "maps"],
+        opset_version=opset,
+        dynamo=True,
+        verbose=False,
+    )
+    program.model.metadata_props.update(
+        {METADATA_PREFIX + k: v for k, v in export_metadata(method, names, len(support_arrays)).items()}
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(out))
+    return out
+
+
+def export_metadata(method: Method, class_names: Sequence[str], support_images: int) -> dict[str, str]:
+    """The string metadata stored in the ONNX model (keys without the ``anomalens.`` prefix)."""
+    from anomalens import __version__
+
+    return {
+        "method": method.name,
+        "backbone": str(method.backbone.name),
+        "image_size": str(method.backbone.image_size),
+        "resize": method.resize,
+        "classes": json.dumps(list(class_names)),
+        "threshold": json.dumps(method.threshold),
+        "support_images": str(support_images),
+        "version": __version__,
+    }
+
+
+class TextConstants:
+    """Within ``with``, the method's text functions (`TEXT_FUNCTIONS`) return constants.
+
+    The first (eager) call of a function evaluates it and stores its result; later calls, and the calls
+    made while tracing, return the stored tensors, so the text tower and the caches' weight checks
+    (which branch on weight values) stay out of the graph. A function called with a list of class names
+    is evaluated once for all exported classes, (C, ...), and returns the rows of `index` (B,): each
+    image gets its own class's anchors with a symbolic batch size. A call with a tensor argument (e.g.
+    Crane's image context) runs as usual and is traced. Calls made inside a text function run as usual.
+    """
+
+    def __init__(self, method: Method, class_names: Sequence[str]):
+        self.method = method
+        self.class_names = list(class_names)
+        self.index: torch.Tensor | None = None  # (B,) class of each image, set by `ExportGraph`
+        self._memo: dict[tuple[str, ...], Any] = {}
+        self._depth = 0
+        self._wrapped = [name for name in TEXT_FUNCTIONS if callable(getattr(method, name, None))]
+
+    def __enter__(self) -> TextConstants:
+        for name in self._wrapped:
+            setattr(self.method, name, self._remember(name, getattr(self.method, name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name in self._wrapped:
+            delattr(self.method, name)
+
+    def _remember(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            values = [*args, *kwargs.values()]
+            if self._depth or any(isinstance(v, torch.Tensor) for v in values):
+                return function(*args, **kwargs)
+            per_class = bool(args) and isinstance(args[0], (list, tuple))
+            if isinstance(args[0] if args else None, str) and len(self.class_names) > 1:
+                raise ValueError(
+                    f"{self.method.name} looks up text anchors one class name at a time, so it exports "
+                    "one class per model: pass a single class name"
+                )
+            key = (name, *(repr(v) for v in values[int(per_class) :] if _is_name_like(v)))
+            if key not in self._memo:
+                if torch.compiler.is_exporting():
+                    raise RuntimeError(f"export: {self.method.name}.{name} was not evaluated before tracing")
+                self._depth += 1
+                try:
+                    call_args = (self.class_names, *args[1:]) if per_class else args
+                    self._memo[key] = tree_map(_constant, function(*call_args, **kwargs))
+                finally:
+                    self._depth -= 1
+            value = self._memo[key]
+            return value[self.index] if per_class else value  # (B, ...) rows of the images' classes
+
+        return call
+
+
+def _is_name_like(value: Any) -> bool:
+    """Arguments that identify a text-side result: names, None and numbers (not weights or callables)."""
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(v, str) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _constant(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
