@@ -180,7 +180,8 @@ def _nearest_patch_residuals(
     g, _, r, _ = memory.shape
     if g not in (1, b):
         raise ValueError(f"support memory for {g} queries given to a batch of {b}")
-    chunk = max(1, chunk_elements // max(1, b * n_layers * n))
+    # An exported graph has a symbolic batch, so it compares with the whole memory at once.
+    chunk = r if torch.compiler.is_exporting() else max(1, chunk_elements // max(1, b * n_layers * n))
     shared = g == 1
     # A shared memory is one (L, B·N, D) × (L, D, c) product: broadcasting it over B would copy it.
     q = queries.transpose(0, 1).reshape(n_layers, b * n, d) if shared else queries
