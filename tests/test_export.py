@@ -114,7 +114,10 @@ def _check_runs_without_torch(path: Path, image: np.ndarray, name: str, expected
 
 
 def test_images_of_other_sizes_and_paths(exported, tmp_path):
-    """Resizing in `OnnxModel` (Pillow bicubic in, bilinear maps out) matches `Method.predict`."""
+    """Resizing in `OnnxModel` (Pillow bicubic in, bilinear maps out) gives `Method.predict`'s scores.
+
+    Maps are compared at the model resolution in the tests above: a method whose maps live on the patch
+    grid is resized grid → S in the graph and S → image here, but grid → image in `predict`."""
     from PIL import Image
 
     method, support, path = exported
@@ -124,8 +127,7 @@ def test_images_of_other_sizes_and_paths(exported, tmp_path):
     expected = method.predict(images, "bottle", support=support)
     got = OnnxModel(path).predict([images[0], tmp_path / "b.png"], "bottle")
     np.testing.assert_allclose(got.scores, expected.scores, atol=1e-4, rtol=0)
-    for g, e in zip(got.maps, expected.maps, strict=True):
-        np.testing.assert_allclose(g, e, atol=1e-4, rtol=0)
+    assert [m.shape for m in got.maps] == [(48, 80), (90, 70)]
 
 
 def test_bilinear_equals_torch_interpolate():
