@@ -107,6 +107,11 @@ def export_onnx(
     """
     if method.name in REFUSED:
         raise ValueError(REFUSED[method.name])
+    if getattr(method, "set_level", False):
+        raise ValueError(
+            f"{method.name} cannot be exported to ONNX: it scores each image against the other images "
+            "of the evaluated set, which a per-image graph cannot hold"
+        )
     names = list(class_names)
     if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
         raise ValueError(f"class_names: give one or more distinct non-empty names, got {names!r}")

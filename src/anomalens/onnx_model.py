@@ -39,6 +39,7 @@ class OnnxModel:
     """
 
     needs_support = False  # support features, if any, are baked into the graph
+    set_level = False  # each image is scored on its own
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int = 0):
         import onnxruntime as ort
