@@ -7,7 +7,10 @@ wrong head mapping shows. Its state dict is then converted with `anomalens.conve
 (CLIP weights passed as a local open_clip checkpoint) and both models score the same tensors:
 
 * default options, any batch: equal to the official model run one image at a time (its correct mode);
-* ``official_compat=True``, a batch of two: equal to the official batched forward, regrouping included.
+* ``official_compat=True``, a batch of two: equal to the official batched forward, regrouping included;
+* training under ``official_compat=True`` (batch-norm heads in train mode, per-query supports through the
+  official regrouping, focal loss with the second sigmoid): the loss and the gradients of one step equal
+  the official `train_epoch` step (engine_IC.py:53-73).
 """
 
 from __future__ import annotations
@@ -86,15 +89,29 @@ RUNNER = textwrap.dedent(
     data = torch.load(inp)
     images, support, name = data["images"], data["support"], data["class_name"]
     tokenizer = open_clip.get_tokenizer("ViT-B-16-plus-240")
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
     b = images.shape[0]
     shared = [s[None].expand(b, -1, -1, -1) for s in support]
     with torch.no_grad():
         final, s_i = model(tokenizer, [images, *shared], [name] * b, None)
         one = [s[:1] for s in shared]
         singles = [model(tokenizer, [images[i : i + 1], *one], [name], None) for i in range(b)]
+    # Official training step (engine_IC.py:53-73): train mode, BinaryFocalLoss(logits=True) on the final
+    # score and on s_i, gradients of the adapter and heads (the only parameters that require grad).
+    from binary_focal_loss import BinaryFocalLoss
+
+    model.train()
+    labels = data["labels"]
+    shots = list(data["train_support"])  # K tensors (B, 3, S, S): shot k of every query
+    train_final, train_s_i = model(tokenizer, [images, *shots], [name] * b, None)
+    loss = BinaryFocalLoss()(train_final, labels) + BinaryFocalLoss()(train_s_i, labels)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     torch.save(
         {
-            "state": model.state_dict(),
+            "train_loss": loss.detach(),
+            "train_grads": grads,
+            "state": initial,
             "final_batch": final,
             "s_i_batch": s_i,
             "final_single": torch.cat([f for f, _ in singles]),
@@ -114,6 +131,8 @@ def official(tmp_path_factory) -> dict:
         "images": torch.randn(2, 3, 240, 240),
         "support": torch.randn(2, 3, 240, 240),
         "class_name": CLASS_NAME,
+        "labels": torch.tensor([0.0, 1.0]),
+        "train_support": torch.randn(2, 2, 3, 240, 240),  # (K shots, B queries, 3, S, S)
     }
     torch.save(inputs, tmp / "in.pt")
     (tmp / "runner.py").write_text(RUNNER)
@@ -164,3 +183,34 @@ def test_official_compat_matches_the_official_batched_forward(official):
         torch.cat([s["final"] for s in singles]), official["final_single"], atol=1e-4, rtol=0
     )
     assert (official["final_batch"] - official["final_single"]).abs().max() > 1e-4  # the regrouping shows
+
+
+def test_official_compat_training_step_matches_the_official_train_epoch(official):
+    """Loss and gradients of one training step (train-mode batch norm, per-query supports) at 1e-4."""
+    from anomalens.converters.inctrl import convert, map_official_state
+    from anomalens.methods.base import TrainBatch
+
+    tmp = official["dir"]
+    model = convert(
+        tmp / "checkpoint_1.pyth", pretrained=str(tmp / "clip.pt"), device="cpu", official_compat=True
+    )
+    stage = model.training_stages()[0]
+    images = official["images"]
+    b = images.shape[0]
+    batch = TrainBatch(
+        images=images,
+        masks=torch.zeros(b, 240, 240),
+        labels=official["labels"].long(),
+        has_mask=torch.ones(b, dtype=torch.bool),
+        class_names=[CLASS_NAME] * b,
+        support=official["train_support"].transpose(0, 1),  # (B, K, 3, S, S)
+    )
+    model.train()
+    loss = stage.loss(batch)["loss"]
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), official["train_loss"], atol=1e-4, rtol=0)
+    ours = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    expected = map_official_state(official["train_grads"], negate_residual=False)
+    assert set(ours) == set(expected)
+    for name, grad in expected.items():
+        torch.testing.assert_close(ours[name], grad, atol=1e-4, rtol=1e-4, msg=name)
