@@ -1,7 +1,8 @@
 """Backbone names, the package's test configs, layer mapping, preprocessing constants and weight lookup.
 
 `register_clip_configs()` adds the open_clip model configs shipped in ``anomalens/resources``
-(``test-tiny``: ViT-B/16 structure at width 64, 4 visual/text layers) to open_clip's global table on first
+(``test-tiny``: ViT-B/16 structure at width 64, 4 visual/text layers; ``anomalens-mini``, the CLIP
+pre-trained here, see docs/anomalens-mini.md) to open_clip's global table on first
 use, not at import, so importing anomalens changes no other library's state; after it
 ``open_clip.create_model("test-tiny")`` works.
 ``test-tiny-dino`` is a tiny DINOv2-style timm ViT described by ``resources/test-tiny-dino.json``.
@@ -39,6 +40,10 @@ from open_clip.constants import (
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 TEST_TINY = "test-tiny"
 TEST_TINY_DINO = "test-tiny-dino"
+# The CLIP pre-trained here on generated data (docs/anomalens-mini.md): config and weights ship with the
+# package, so pretrained="anomalens-mini" resolves to the packaged file (no download, no cache).
+MINI = "anomalens-mini"
+PACKAGED_WEIGHTS = {(MINI, MINI): RESOURCES / f"{MINI}.safetensors"}
 DEFAULT_DINO = "vit_base_patch14_reg4_dinov2.lvd142m"
 # The package's random tiny backbone of each family (a method's `backbone_kind`).
 TINY_BACKBONES = {"clip": TEST_TINY, "dino": TEST_TINY_DINO}
@@ -55,7 +60,7 @@ RANDOM_INIT_SEED = 0
 DINO_MEAN, DINO_STD = IMAGENET_MEAN, IMAGENET_STD
 
 # open_clip model configs shipped in resources/ (timm configs such as test-tiny-dino are not among them).
-CLIP_CONFIGS = (TEST_TINY,)
+CLIP_CONFIGS = (TEST_TINY, MINI)
 
 
 @functools.cache
@@ -212,7 +217,8 @@ def _clip_candidates(name: str, tag: str, cfg: dict[str, Any]) -> tuple[list[str
 def resolve_pretrained(name: str, pretrained: str | None) -> str | None:
     """Resolve a CLIP ``pretrained`` argument to a local checkpoint path, or None for random weights.
 
-    Order: None/"none" → None (random); an existing file → that file; an open_clip tag → the first hit in
+    Order: None/"none" → None (random); an existing file → that file; a packaged tag
+    (`PACKAGED_WEIGHTS`: "anomalens-mini") → its file in the package; an open_clip tag → the first hit in
     ``$ANOMALENS_CACHE`` (the tag's URL file name, ``{name}-{tag}.{safetensors,pt,pth,bin}``, or
     ``<HF repo id>/<HF file>``), open_clip's URL cache (``~/.cache/clip``), the HF hub cache; if none, a
     ≤2 s probe of the download host: reachable →
@@ -228,6 +234,11 @@ def resolve_pretrained(name: str, pretrained: str | None) -> str | None:
     path = Path(pretrained).expanduser()
     if path.is_file():
         return str(path)
+    if (name, pretrained) in PACKAGED_WEIGHTS:
+        packaged = PACKAGED_WEIGHTS[name, pretrained]
+        if not packaged.is_file():
+            raise WeightsUnavailableError(f"packaged weights {packaged} are missing; reinstall anomalens")
+        return str(packaged)
     cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if not cfg:
         tags = open_clip.list_pretrained_tags_by_model(name)
@@ -328,7 +339,7 @@ def tiny_dino_kwargs() -> dict[str, Any]:
 def list_backbones() -> list[str]:
     """The backbones the methods are written and tested for: the papers' CLIP ViTs, ``test-tiny``, and
     the DINO models. Any other open_clip ViT with class-token pooling and standard blocks also loads."""
-    return [*PAPER_BACKBONES, TEST_TINY, DEFAULT_DINO, TEST_TINY_DINO]
+    return [*PAPER_BACKBONES, TEST_TINY, MINI, DEFAULT_DINO, TEST_TINY_DINO]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

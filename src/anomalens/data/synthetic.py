@@ -1,6 +1,6 @@
 """Procedurally generated datasets for offline demos, tests and smoke benchmarks (`synthetic:<kind>`).
 
-Two kinds, both deterministic for a seed, rendered with vectorised numpy and cached on disk:
+Three kinds, all deterministic for a seed, rendered with numpy and cached on disk:
 
 * ``defects``: textures (weave, grain, carpet) and objects (disc, tile) with normal variation (phase,
   angle, position, colour jitter). Anomalies are scratches, holes, stains and colour shifts, drawn only
@@ -14,6 +14,8 @@ Two kinds, both deterministic for a seed, rendered with vectorised numpy and cac
   with blocks of the texture turned and shaded in a checker) in the "CC" test part (cross-context,
   paper 000), so every CC subject-context combination is unseen in training while its compatibility
   follows from the seen ones.
+* ``transfer``: the method-training and held-out classes of `anomalens.data.captions`, which the
+  `anomalens-mini` backbone never saw in pre-training, with eight defect types (same layout as defects).
 
 The cache lives under ``$ANOMALENS_CACHE/synthetic/<kind>-<hash>/`` (default ``~/.cache/anomalens``),
 one folder per set of generation parameters. It is written into a temporary sibling folder and renamed
@@ -48,6 +50,7 @@ SPLITS = ("train", "test", "all")
 DEFAULTS: dict[str, dict[str, int]] = {
     "defects": {"n": 16, "size": 64, "seed": 0},
     "contextual": {"n": 8, "size": 64, "seed": 0},
+    "transfer": {"n": 16, "size": 48, "seed": 0},
 }
 # Parameters that only select from a generated cache.
 TEST_PARTS = {"both": ("SS", "CC"), "ss": ("SS",), "cc": ("CC",)}
@@ -471,9 +474,22 @@ def _write_contextual(folder: Path, n: int, size: int, seed: int) -> None:
 
 # --- loading and the cache ---------------------------------------------------------------------------
 
+def _write_transfer(folder: Path, n: int, size: int, seed: int) -> None:
+    from anomalens.data.captions import write_transfer  # it imports this module's defect helpers
+
+    write_transfer(folder, n, size, seed)
+
+
+def _transfer_classes() -> list[str]:
+    from anomalens.data.captions import class_names
+
+    return class_names("train") + class_names("heldout")
+
+
 _WRITERS: dict[str, Callable[[Path, int, int, int], None]] = {
     "defects": _write_defects,
     "contextual": _write_contextual,
+    "transfer": _write_transfer,
 }
 
 
@@ -489,6 +505,8 @@ def load_synthetic(
     square, `seed`. contextual: `n` normal + `n` anomalous images per subject in each of SS-train,
     SS-test and CC-test; `test=both|ss|cc` picks the test parts. split "train" = SS-train (both labels,
     as contextual methods train few-shot on both), "test" = the chosen test parts, "all" = everything.
+    transfer: the method-training and held-out classes of `anomalens.data.captions` (the classes the
+    `anomalens-mini` backbone never saw), laid out as defects: `n` per class and set, `size` 48 by default.
     """
     if kind not in DEFAULTS:
         raise DataError(f"unknown synthetic kind {kind!r}; expected one of {', '.join(DEFAULTS)}")
@@ -505,9 +523,10 @@ def load_synthetic(
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     folder = _ensure_cache(kind, generation)
-    if kind == "defects":
+    if kind in ("defects", "transfer"):
         records = [r for r in _defect_records(folder) if split == "all" or dict(r.meta)["set"] == split]
-        records = _select_classes(records, DEFECT_CLASSES, classes, source)
+        available = DEFECT_CLASSES if kind == "defects" else _transfer_classes()
+        records = _select_classes(records, available, classes, source)
     else:
         records = select_records(read_manifest(folder), split, classes, source)
         records = [
