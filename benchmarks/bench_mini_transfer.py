@@ -73,7 +73,9 @@ def transfer(
         torch.manual_seed(seed)
         start = time.time()
         if name == "winclip":
-            evaluate(name, "random weights", create(name, backbone=MINI, pretrained=None, device="cpu"), start)
+            evaluate(
+                name, "random weights", create(name, backbone=MINI, pretrained=None, device="cpu"), start
+            )
             start = time.time()
         model = create(name, backbone=MINI, pretrained=MINI, device="cpu", **options)
         evaluate(name, "zero-shot" if name == "winclip" else "untrained", model, start)
@@ -104,7 +106,9 @@ def main() -> None:
     print(markdown(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
-    args.out.write_text(json.dumps({"rows": rows, "machine": machine, "args": vars(args) | {"out": ""}}, indent=1))
+    args.out.write_text(
+        json.dumps({"rows": rows, "machine": machine, "args": vars(args) | {"out": ""}}, indent=1)
+    )
 
 
 if __name__ == "__main__":

@@ -96,3 +96,27 @@ def test_pretraining_is_bit_reproducible(tmp_path):
     assert runs[0].keys() == runs[1].keys()
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert all(v.dtype == torch.float16 for v in runs[0].values())
+
+
+def test_mini_config_is_registered_with_its_native_grid():
+    from anomalens.backbones import load_clip
+    from anomalens.backbones.registry import MINI, list_backbones
+
+    backbone = load_clip(MINI, None)
+    assert MINI in list_backbones()
+    assert backbone.image_size == 48 and tuple(backbone.grid) == (6, 6)
+    params = sum(p.numel() for p in backbone.model.parameters())
+    assert 2e6 < params < 5e6  # fp16 file ≤ 10 MB
+
+
+def test_packaged_weights_resolve_without_network(tmp_path, monkeypatch):
+    from anomalens.backbones import registry
+
+    key = (registry.MINI, registry.MINI)
+    monkeypatch.setitem(registry.PACKAGED_WEIGHTS, key, tmp_path / "absent.safetensors")
+    with pytest.raises(registry.WeightsUnavailableError, match="packaged weights"):
+        registry.resolve_pretrained(registry.MINI, registry.MINI)
+    present = tmp_path / "present.safetensors"
+    present.write_bytes(b"x")
+    monkeypatch.setitem(registry.PACKAGED_WEIGHTS, key, present)
+    assert registry.resolve_pretrained(registry.MINI, registry.MINI) == str(present)

@@ -108,7 +108,9 @@ def _train(
             loss = _step(model, optimizer, pairs, tokenizer, learning_rate(step, steps, lr, warmup))
             history.append(round(loss, 5))
             if step % 10 == 0 or step == steps - 1:
-                log(f"step {step + 1}/{steps} loss {np.mean(history[-10:]):.4f} ({time.time() - start:.0f} s)")
+                log(
+                    f"step {step + 1}/{steps} loss {np.mean(history[-10:]):.4f} ({time.time() - start:.0f} s)"
+                )
             if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
                 save_file(half_state(model), str(out / f"step{step + 1}.safetensors"))
     path = out / f"{MINI}.safetensors"
@@ -120,7 +122,9 @@ def _train(
     return path
 
 
-def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pairs: Pairs, tokenizer, lr: float) -> float:
+def _step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, pairs: Pairs, tokenizer, lr: float
+) -> float:
     """One optimiser step on a batch at learning rate ``lr``; returns the loss."""
     for group in optimizer.param_groups:
         group["lr"] = lr

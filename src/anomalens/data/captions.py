@@ -308,7 +308,9 @@ def draw_defect(
     raise RuntimeError(f"could not draw a visible defect on {spec.name}")
 
 
-def _alter(spec: ClassSpec, scene: Scene, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _alter(
+    spec: ClassSpec, scene: Scene, kind: str, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """The image with a defect everywhere it may show, and where it is (before the contrast check)."""
     image, region, size = scene.image, scene.region, scene.image.shape[0]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
@@ -335,7 +337,8 @@ def _alter(spec: ClassSpec, scene: Scene, kind: str, rng: np.random.Generator) -
         return image + alpha * (colour - image), (blob(0.08, 0.18) <= 1) & region
     if kind == "hole":
         radius = blob(0.07, 0.15)
-        return np.broadcast_to((5 + 15 * np.clip(radius, 0, 1))[..., None], image.shape), (radius <= 1) & region
+        dark = np.broadcast_to((5 + 15 * np.clip(radius, 0, 1))[..., None], image.shape)  # darkest inside
+        return dark, (radius <= 1) & region
     if kind == "crack":
         where = np.zeros((size, size), bool)
         x, y, angle = float(xs[at]), float(ys[at]), rng.uniform(0, 2 * np.pi)
@@ -494,7 +497,8 @@ def write_transfer(folder: Path, n: int, size: int, seed: int) -> None:
         for i in range(n):
             scene = render_scene(spec, size, int(rng.integers(0, 2**63)))
             image, mask, kind = draw_defect(spec, scene, DEFECT_TYPES[i % len(DEFECT_TYPES)], rng)
-            rel, mask_rel = f"{spec.name}/test/{kind}/{i:03d}.png", f"{spec.name}/ground_truth/{kind}/{i:03d}_mask.png"
+            rel = f"{spec.name}/test/{kind}/{i:03d}.png"
+            mask_rel = f"{spec.name}/ground_truth/{kind}/{i:03d}_mask.png"
             _write_png(folder / rel, image)
             _write_png(folder / mask_rel, mask.astype(np.uint8) * 255)
             records.append(_record(rel, 1, spec.name, mask_rel, kind, "test"))

@@ -474,6 +474,7 @@ def _write_contextual(folder: Path, n: int, size: int, seed: int) -> None:
 
 # --- loading and the cache ---------------------------------------------------------------------------
 
+
 def _write_transfer(folder: Path, n: int, size: int, seed: int) -> None:
     from anomalens.data.captions import write_transfer  # it imports this module's defect helpers
 
