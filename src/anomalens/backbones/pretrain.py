@@ -35,7 +35,7 @@ from anomalens.data.captions import CLASSES, Pairs, class_names, sample_pairs
 MINI = "anomalens-mini"
 PREFETCH = 3  # batches rendered ahead of the training step
 THREADS = 1  # fixed: the float rounding of CPU matmuls depends on the thread count
-DEFAULTS = {"steps": 700, "batch_size": 128, "lr": 2e-3, "warmup": 40, "weight_decay": 0.1, "seed": 0}
+DEFAULTS = {"steps": 500, "batch_size": 128, "lr": 2e-3, "warmup": 40, "weight_decay": 0.1, "seed": 0}
 
 
 def pretrain_mini(
