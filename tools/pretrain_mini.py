@@ -19,9 +19,10 @@ def main() -> None:
     for name, value in DEFAULTS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--save-every", type=int, default=0, help="also save a checkpoint every N steps")
+    parser.add_argument("--stop-after", type=int, help="end after this many steps of the --steps schedule")
     args = parser.parse_args()
     settings = {name: getattr(args, name) for name in DEFAULTS}
-    path = pretrain_mini(args.out, save_every=args.save_every, **settings)
+    path = pretrain_mini(args.out, save_every=args.save_every, stop_after=args.stop_after, **settings)
     print(f"wrote {path}")
 
 

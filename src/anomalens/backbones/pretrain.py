@@ -48,11 +48,14 @@ def pretrain_mini(
     weight_decay: float = DEFAULTS["weight_decay"],
     seed: int = DEFAULTS["seed"],
     save_every: int = 0,
+    stop_after: int | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Train ``anomalens-mini`` from scratch; write ``out/anomalens-mini.safetensors`` (fp16) and
     ``out/train.json`` (settings, per-step loss, seconds). ``save_every`` > 0 also writes
-    ``out/step<k>.safetensors`` every that many steps. Returns the weights path.
+    ``out/step<k>.safetensors`` every that many steps; ``stop_after`` ends the run after that many steps
+    of the ``steps``-step schedule (the weights equal that step's ``save_every`` checkpoint). Returns the
+    weights path.
 
     Runs with `THREADS` torch threads and deterministic algorithms; both settings are restored after.
     """
@@ -62,7 +65,8 @@ def pretrain_mini(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return _train(Path(out), steps, batch_size, lr, warmup, weight_decay, seed, save_every, log)
+            run = (steps, batch_size, lr, warmup, weight_decay, seed)
+            return _train(Path(out), *run, save_every, stop_after or steps, log)
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
@@ -77,6 +81,7 @@ def _train(
     weight_decay: float,
     seed: int,
     save_every: int,
+    stop_after: int,
     log: Callable[[str], None],
 ) -> Path:
     from safetensors.torch import save_file
@@ -101,21 +106,27 @@ def _train(
     # (seed, step)), so rendering and training overlap on two cores.
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         pending: deque = deque()
-        for step in range(steps):
-            for ahead in range(step + len(pending), min(steps, step + PREFETCH)):
+        for step in range(stop_after):
+            for ahead in range(step + len(pending), min(stop_after, step + PREFETCH)):
                 pending.append(pool.apply_async(sample_pairs, (seed, ahead, batch_size, size, classes)))
             pairs = pending.popleft().get()
             loss = _step(model, optimizer, pairs, tokenizer, learning_rate(step, steps, lr, warmup))
             history.append(round(loss, 5))
-            if step % 10 == 0 or step == steps - 1:
+            if step % 10 == 0 or step == stop_after - 1:
                 log(
                     f"step {step + 1}/{steps} loss {np.mean(history[-10:]):.4f} ({time.time() - start:.0f} s)"
                 )
-            if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            if save_every and (step + 1) % save_every == 0 and step + 1 < stop_after:
                 save_file(half_state(model), str(out / f"step{step + 1}.safetensors"))
     path = out / f"{MINI}.safetensors"
     save_file(half_state(model), str(path))
-    settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup}
+    settings = {
+        "steps": steps,
+        "stop_after": stop_after,
+        "batch_size": batch_size,
+        "lr": lr,
+        "warmup": warmup,
+    }
     settings |= {"weight_decay": weight_decay, "seed": seed, "threads": THREADS, "torch": torch.__version__}
     report = {"settings": settings, "classes": classes, "loss": history, "seconds": time.time() - start}
     (out / "train.json").write_text(json.dumps(report, indent=1))
