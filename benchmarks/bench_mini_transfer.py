@@ -67,6 +67,7 @@ def transfer(
                 "seconds": round(time.time() - start, 1),
             }
         )
+        print(markdown(rows[-1:]).splitlines()[-1], flush=True)
 
     for name in methods:
         options, schedule = SETTINGS[name]
