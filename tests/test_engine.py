@@ -29,8 +29,6 @@ from anomalens.engine import (
     LOG_FILE,
     MODEL_FILE,
     RESUME_FILE,
-    FeatureCache,
-    FeatureKey,
     NonFiniteError,
     distributed,
     read_resume,
@@ -418,54 +416,6 @@ def test_collate_runs_in_workers_with_identical_results():
     assert_bitwise_equal(weights(a), weights(b))
     pids = {name.rsplit("@", 1)[1] for names, _ in b.seen for name in names}
     assert str(os.getpid()) not in pids and len(pids) >= 1
-
-
-# ---------------------------------------------------------------------- feature cache
-def test_feature_cache_memory_maps_and_follows_mtime(tmp_path):
-    image = tmp_path / "img.png"
-    image.write_bytes(b"pixels")
-    cache = FeatureCache(tmp_path / "cache")
-    key = FeatureKey.for_file("test-tiny", None, 64, (2, 4), image)
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return torch.arange(6, dtype=torch.bfloat16).reshape(2, 3) * len(calls)
-
-    first = cache.get_or_compute(key, compute)
-    again = cache.get_or_compute(key, compute)
-    assert len(calls) == 1 and key in cache
-    assert isinstance(again, np.memmap) and again.dtype == np.float32 and not again.flags.writeable
-    np.testing.assert_array_equal(first, np.arange(6, dtype=np.float32).reshape(2, 3))
-
-    os.utime(image, ns=(time.time_ns(), key.mtime_ns + 10**9))
-    newer = FeatureKey.for_file("test-tiny", None, 64, (2, 4), image)
-    assert newer != key and newer not in cache
-    np.testing.assert_array_equal(cache.get_or_compute(newer, compute), 2 * first)
-    other = FeatureKey.for_file("test-tiny", None, 64, (2, 3), image)
-    assert other.digest() != newer.digest()
-    assert FeatureKey.for_file("b", "x", 8, (1,), "synthetic/0").mtime_ns is None
-
-
-def test_feature_cache_writes_are_atomic_and_damage_is_recomputed(tmp_path, monkeypatch):
-    cache = FeatureCache(tmp_path)
-    key = FeatureKey("b", None, 8, (1,), "a.png", None)
-    real_save = np.save
-
-    def save_then_fail(f, array, allow_pickle=False):
-        f.write(b"\x93NUMPY half")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(np, "save", save_then_fail)
-    with pytest.raises(OSError, match="disk full"):
-        cache.get_or_compute(key, lambda: np.ones(3))
-    assert key not in cache and not [p for p in tmp_path.rglob("*") if p.is_file()]
-    monkeypatch.setattr(np, "save", real_save)
-
-    cache.path(key).parent.mkdir(parents=True, exist_ok=True)
-    cache.path(key).write_bytes(b"garbage")
-    np.testing.assert_array_equal(cache.get_or_compute(key, lambda: np.ones(3)), np.ones(3))
-    np.testing.assert_array_equal(np.load(cache.path(key)), np.ones(3))
 
 
 # ---------------------------------------------------------------------- distributed (gloo, 2 processes)

@@ -3,12 +3,15 @@
 `train_method` runs a method's stages with seeded data order, Adam/AdamW/SGD, MultiStep/cosine schedules,
 gradient accumulation, AMP on CUDA, tqdm progress, a JSONL log and atomic checkpoints that a later call
 with ``resume=True`` continues bit-exactly (on CPU). `distributed` adds torchrun data parallelism and
-sharded evaluation; `FeatureCache` is an optional memory-mapped store of frozen-backbone features.
-Nothing in `methods/` or `backbones/` imports this package (STYLE: library separate from training).
+sharded evaluation.
+
+Layering: the engine imports the training contract (`anomalens.contracts`: `Stage`, `TrainBatch`,
+`TrainConfig`) and never `methods/`; it drives a method through ``training_stages()``, ``collate``,
+``save`` and its parameters. `Method.fit` imports this package on first use, so loading a model for
+inference never loads the training code (STYLE: library separate from training).
 """
 
 from anomalens.engine import distributed
-from anomalens.engine.cache import FeatureCache, FeatureKey
 from anomalens.engine.checkpoint import ResumeState, read_resume, write_resume
 from anomalens.engine.trainer import (
     LOG_FILE,
@@ -24,8 +27,6 @@ __all__ = [
     "LOG_FILE",
     "MODEL_FILE",
     "RESUME_FILE",
-    "FeatureCache",
-    "FeatureKey",
     "NonFiniteError",
     "ResumeState",
     "distributed",

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from anomalens.methods.base import Prediction
+from anomalens.contracts import Prediction
 
 
 def is_distributed() -> bool:

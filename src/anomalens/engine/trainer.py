@@ -27,7 +27,7 @@ import warnings
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,10 +35,13 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from anomalens.contracts import FROZEN_PREFIXES, Stage, TrainBatch, TrainConfig, TrainProgress
 from anomalens.data.types import Dataset, Sample
 from anomalens.engine import checkpoint, distributed
 from anomalens.engine.sampling import BalancedBatchSampler
-from anomalens.methods.base import FROZEN_PREFIXES, Method, Stage, TrainBatch, TrainConfig, TrainProgress
+
+if TYPE_CHECKING:  # the engine sees a method through the training contract; it never imports methods/
+    from anomalens.methods.base import Method
 
 MODEL_FILE = "model.anomalens"
 RESUME_FILE = "resume.safetensors"

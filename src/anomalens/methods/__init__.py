@@ -1,18 +1,9 @@
-"""Built-in methods; importing this package registers them."""
+"""Detection methods: one module per method, each registering itself with `@register`.
 
-# Each method module registers itself on import.
-from anomalens.methods import (  # noqa: E402, F401
-    aa_clip,
-    anomalyclip,
-    anomalydino,
-    april_gan,
-    core_clip,
-    crane,
-    inctrl,
-    musc,
-    patchcore,
-    winclip,
-)
+`list_methods`, `create` and `load` import every module of this package on first use (no import list
+to edit); `import anomalens.methods` alone loads no method module.
+"""
+
 from anomalens.methods.base import (
     Method,
     Prediction,

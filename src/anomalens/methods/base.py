@@ -5,19 +5,20 @@ class owns everything that is the same for all methods: input conversion, batchi
 upsampling maps to each input's resolution, saving and loading. A method implements ``forward_batch``
 (and ``prepare_support`` if it is few-shot, ``training_stages`` if it learns).
 
-This module never imports the training engine at import time (STYLE: the model library does not pull
-in training code); ``fit`` imports it lazily.
+The typed contracts (`Prediction`, `TrainConfig`, `TrainBatch`, `Stage`) live in `anomalens.contracts`,
+below both this module and the training engine, and are re-exported here. ``fit`` imports the engine on
+first use (STYLE: inference does not load training code); the engine never imports `methods/`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,15 +27,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anomalens.contracts import (
+    FROZEN_PREFIXES,
+    Prediction,
+    Stage,
+    TrainBatch,
+    TrainConfig,
+    TrainProgress,
+)
 from anomalens.data.types import Dataset, Sample
+
+__all__ = [  # the training contract and `Prediction` are re-exported from `anomalens.contracts`
+    "DEFAULT",
+    "FROZEN_PREFIXES",
+    "Method",
+    "Prediction",
+    "Stage",
+    "TrainBatch",
+    "TrainConfig",
+    "TrainProgress",
+    "create",
+    "list_methods",
+    "load",
+    "method_class",
+    "read_checkpoint",
+    "register",
+]
 
 _REGISTRY: dict[str, type[Method]] = {}
 
 # Sentinel: "the method's own default pretrained tag".
 DEFAULT = "default"
 FORMAT_VERSION = 1
-# Parameters under these prefixes belong to frozen backbones and are never saved.
-FROZEN_PREFIXES = ("backbone.", "dino.")
 
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:
@@ -52,9 +76,22 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
 
 def list_methods() -> list[str]:
     """Names of all registered methods, sorted."""
-    import anomalens.methods  # noqa: F401  (registers the built-in methods)
-
+    _discover()
     return sorted(_REGISTRY)
+
+
+@functools.cache
+def _discover() -> None:
+    """Import every module of the `anomalens.methods` package once; each registers its method(s).
+
+    A new method is one file in `methods/`: no import list to edit. Modules whose name starts with an
+    underscore are skipped (private helpers)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        if info.name != "base" and not info.name.startswith("_"):
+            importlib.import_module(f"{__package__}.{info.name}")
 
 
 def method_class(name: str) -> type[Method]:
@@ -62,103 +99,6 @@ def method_class(name: str) -> type[Method]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(names)}")
     return _REGISTRY[name]
-
-
-@dataclass
-class Prediction:
-    """Scores (B,) float32, higher = more anomalous, and maps (B,H,W) float32 at each input's own
-    resolution (a list when the inputs differ in size)."""
-
-    scores: np.ndarray
-    maps: np.ndarray | list[np.ndarray]
-    # Per-image side outputs (name -> (B,) array) that a method's `set_scores` needs, e.g. AA-CLIP's
-    # image-branch term for its per-class min-max table score.
-    extras: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings of one training stage; every field can be overridden from `fit`/CLI."""
-
-    epochs: int = 1
-    batch_size: int = 8
-    lr: float = 1e-3
-    optimizer: str = "adam"  # adam | adamw | sgd
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    schedule: str | None = None  # None | multistep | cosine
-    milestones: tuple[int, ...] = ()  # in iterations for multistep
-    gamma: float = 0.5
-    grad_accum: int = 1
-    max_steps_per_epoch: int | None = None
-    amp: bool = False  # bf16/fp16 autocast on CUDA, opt-in (`--amp`); the four sources all train in fp32
-    augment: bool = False
-    # "shuffle": every image once per epoch; "balanced": batches of batch_size // 2 normal + the rest
-    # anomalous images, drawn from endless per-label permutations (InCTRL's BalancedBatchSampler), with
-    # max_steps_per_epoch optimiser steps per epoch (default: as many as "shuffle" would give).
-    sampler: str = "shuffle"
-
-
-@dataclass(frozen=True)
-class TrainProgress:
-    """Where training stands when a stage's loss is called (given to losses of stages with
-    ``needs_progress``): ``step`` optimiser steps of this stage are done, of ``total_steps``."""
-
-    stage: str
-    epoch: int  # 0-based epoch of the stage
-    epochs: int
-    step: int
-    total_steps: int
-
-    @property
-    def fraction(self) -> float:
-        """Share of the stage's optimiser steps already taken, in [0, 1]."""
-        return min(1.0, self.step / self.total_steps) if self.total_steps > 0 else 1.0
-
-
-@dataclass
-class TrainBatch:
-    """A collated training batch at the model's input resolution S."""
-
-    images: torch.Tensor  # (B, 3, S, S) normalised
-    masks: torch.Tensor  # (B, S, S) float 0/1 (zeros where no mask)
-    labels: torch.Tensor  # (B,) long
-    has_mask: torch.Tensor  # (B,) bool: pixel supervision available
-    class_names: list[str]
-    subject_masks: torch.Tensor | None = None  # (B, S, S) float, contextual datasets
-    support: torch.Tensor | None = None  # (B, K, 3, S, S) normal support per query (few-shot training)
-
-    def to(self, device: torch.device | str) -> TrainBatch:
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return dataclasses.replace(
-            self,
-            images=move(self.images),
-            masks=move(self.masks),
-            labels=move(self.labels),
-            has_mask=move(self.has_mask),
-            subject_masks=move(self.subject_masks),
-            support=move(self.support),
-        )
-
-
-@dataclass
-class Stage:
-    """One training stage: which parameters learn, with which loss, on which data."""
-
-    name: str
-    parameters: Callable[[], Iterable[nn.Parameter]]
-    loss: Callable[[TrainBatch], dict[str, torch.Tensor]]  # must hold "loss"; others are logged
-    config: TrainConfig
-    select: Callable[[Dataset], Dataset] | None = None  # e.g. normal images only (InCTRLv2 OASL)
-    collate: Callable[[list[Sample], bool], TrainBatch] | None = None  # default: Method.collate
-    # Called with `train_method`'s support_data (default: the training data) before `select`: the
-    # normal images a few-shot method draws per-query supports from.
-    support: Callable[[Dataset], None] | None = None
-    needs_progress: bool = False  # loss(batch, progress: TrainProgress) instead of loss(batch)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 ImageLike = np.ndarray | str | os.PathLike
@@ -530,6 +470,6 @@ def json_safe(value: Any) -> Any:
 
 
 def _version() -> str:
-    from anomalens import __version__
+    from anomalens._version import __version__
 
     return __version__
