@@ -40,12 +40,12 @@ import anomalens as al
 from anomalens.methods.base import resolve_device
 from anomalens.methods.inctrl import (
     InCTRL,
-    anomaly_probability,
     holistic_score,
     image_residual,
     patch_residual_maps,
     prototype,
 )
+from anomalens.ops import anchor_probability
 from anomalens.prompts import ensemble_text_features
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "inctrl.json"
@@ -93,15 +93,15 @@ def reference_score(model: InCTRL, image: torch.Tensor, support: torch.Tensor) -
 
     normal, anomalous = model.prompts(CLASS_NAME)
     anchors = torch.stack([ensemble_text_features(encode, normal), ensemble_text_features(encode, anomalous)])
-    s_t = anomaly_probability(cls, anchors[None], model.config.text_scale)
+    s_t = anchor_probability(F.normalize(cls, dim=-1), anchors[None], model.config.text_scale)
     return float(holistic_score(s_t, s_i, residual_map, model.holistic_head)[0])
 
 
 def search_memory(model: al.methods.Method, batch: int, shots: int) -> dict[str, float]:
     """MiB of the support memory tensor and of the largest similarity block of the NN search."""
     n_layers, n = len(model.layers), model.n_patches
-    chunk = max(1, model.nn_chunk_elements() // (batch * n_layers * n))
-    block = batch * n_layers * n * min(chunk, shots * n) * 4
+    rows = max(1, model.nn_chunk_elements() // (n_layers * shots * n))  # query rows per block (ops._nearest)
+    block = n_layers * min(rows, batch * n) * shots * n * 4
     memory = n_layers * shots * n * model.backbone.width * 4
     return {"support_memory_mib": memory / 2**20, "similarity_block_mib": block / 2**20}
 

@@ -8,21 +8,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
+from torch import nn
 
 import anomalens as al
 from anomalens.converters import convert
 from anomalens.converters.aa_clip import locate, official_to_ours
 from anomalens.evaluation import evaluate_method
-from anomalens.layers import NormMatchedResidualAdapter
 from anomalens.methods.aa_clip import (
     AACLIP,
+    BiasFreeProjection,
+    NormMatchedResidualAdapter,
     aggregate_patch_features,
     alignment_segmentation_loss,
-    anchor_logits,
     disentangle_loss,
-    gaussian_blur,
-    gaussian_kernel1d,
     image_term,
     per_image_score,
     reference_patch_features,
@@ -32,6 +30,7 @@ from anomalens.methods.aa_clip import (
     total_loss,
 )
 from anomalens.methods.base import TrainBatch
+from anomalens.ops import anchor_logits, gaussian_blur
 from helpers import differ
 
 SIZE = 64
@@ -130,20 +129,6 @@ def test_stage1_reference_feature_adds_normalised_cls():
 
 def test_test_map_per_tap():
     assert tap_anomaly_map(torch.tensor([[[10.0, 30.0]]])).item() == pytest.approx(10.5)
-
-
-def test_gaussian_kernel_and_blur():
-    k = gaussian_kernel1d(3, 1.0)
-    e = math.exp(-0.5)
-    torch.testing.assert_close(k, torch.tensor([e, 1.0, e], dtype=torch.float64) / (1 + 2 * e))
-    maps = torch.rand(2, 6, 5, generator=torch.Generator().manual_seed(0))
-    for kernel, sigma in ((7, 1.0), (9, 1.5)):
-        radius = kernel // 2
-        expected = np.stack(
-            [ndimage.gaussian_filter(m, sigma, mode="mirror", truncate=radius / sigma) for m in maps.numpy()]
-        )
-        np.testing.assert_allclose(gaussian_blur(maps, kernel, sigma).numpy(), expected, atol=1e-6)
-    torch.testing.assert_close(gaussian_blur(maps, 7, 0.0), maps)
 
 
 def test_image_term_and_per_image_score():
@@ -305,7 +290,7 @@ def test_predict_map_is_the_blurred_tap_sum_and_set_scores(model):
         anchors = model.frozen_anchors(["grain"] * 3)
         branch = model.visual_branch(x)
         total = sum(tap_anomaly_map(anchor_logits(f, anchors, 100.0)) for f in branch.patches)
-        grid = gaussian_blur(total.reshape(3, 4, 4), 7, 1.0)
+        grid = gaussian_blur(total.reshape(3, 4, 4), 1.0, radius=3, border="mirror")  # 7×7, σ = 1
         maps = F.interpolate(grid[:, None], size=(SIZE, SIZE), mode="bilinear", align_corners=True)[:, 0]
         terms = image_term(branch.det, anchors).numpy()
     np.testing.assert_allclose(pred.maps, maps.numpy(), atol=1e-5)
@@ -442,3 +427,59 @@ def test_resume_of_each_stage_is_exact(tmp_path):
         assert [e["epoch"] for e in history[stage]] == [1, 2]
         for key, value in reference.trainable_state().items():
             torch.testing.assert_close(resumed.trainable_state()[key], value, atol=0, rtol=0, msg=key)
+
+
+# ---------------------------------------------------------------------- modules
+def _set(linear: nn.Linear, weight: list, bias: list | None = None) -> None:
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor(weight))
+        if bias is not None:
+            linear.bias.copy_(torch.tensor(bias))
+
+
+def _xavier_bound(fan_in: int, fan_out: int) -> float:
+    return math.sqrt(6.0 / (fan_in + fan_out))
+
+
+def test_norm_matched_adapter_eq_1_2_by_hand():
+    adapter = NormMatchedResidualAdapter(2, lam=0.1)
+    _set(adapter.fc, [[1.0, 0.0], [0.0, -1.0]])
+    # x = [3, 4]: W x = [3, -4]; LeakyReLU -> [3, -0.04]; rescale to |x| = 5; 0.1 a + 0.9 x.
+    a = [3.0, -0.04]
+    scale = 5.0 / math.hypot(*a)
+    expected = torch.tensor([0.1 * a[0] * scale + 0.9 * 3.0, 0.1 * a[1] * scale + 0.9 * 4.0])
+    torch.testing.assert_close(adapter(torch.tensor([3.0, 4.0])), expected)
+
+
+def test_norm_matched_adapter_matches_each_tokens_norm():
+    torch.manual_seed(0)
+    adapter = NormMatchedResidualAdapter(16, lam=1.0)  # lam = 1 leaves only the rescaled adapter output
+    x = torch.randn(2, 5, 16) * torch.tensor([1.0, 10.0, 0.1, 3.0, 7.0]).view(1, 5, 1)
+    out = adapter(x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out.norm(dim=-1), x.norm(dim=-1))
+    assert torch.equal(NormMatchedResidualAdapter(16, lam=0.0)(x), x)
+
+
+def test_norm_matched_adapter_init_is_bias_free_xavier():
+    torch.manual_seed(0)
+    adapter = NormMatchedResidualAdapter(64)
+    assert adapter.fc.bias is None and adapter.lam == 0.1
+    w = adapter.fc.weight
+    bound = _xavier_bound(64, 64)
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+    # Uniform(-b, b) has std b/sqrt(3); PyTorch's default Linear init would give 1/sqrt(3*64) (2x smaller).
+    assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+
+
+def test_bias_free_projection():
+    proj = BiasFreeProjection(2, 3, act=True)
+    assert proj.fc.bias is None and proj.fc.weight.shape == (3, 2)
+    _set(proj.fc, [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    x = torch.tensor([-2.0, 3.0])
+    torch.testing.assert_close(proj(x), torch.tensor([-0.02, 3.0, 1.0]))
+    plain = BiasFreeProjection(2, 3, act=False)
+    _set(plain.fc, [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    torch.testing.assert_close(plain(x), torch.tensor([-2.0, 3.0, 1.0]))
+    assert BiasFreeProjection(8, 4, act=False)(torch.randn(2, 7, 8)).shape == (2, 7, 4)
+    assert BiasFreeProjection(100, 100, act=False).fc.weight.abs().max() <= _xavier_bound(100, 100)

@@ -132,15 +132,6 @@ def test_local_patch_features_hand_checked():
     torch.testing.assert_close(out, expected)
 
 
-def test_nearest_distance_matches_naive(monkeypatch):
-    g = torch.Generator().manual_seed(0)
-    queries, bank = 3 * torch.randn(7, 5, generator=g), 3 * torch.randn(11, 5, generator=g)
-    naive = torch.cdist(queries.double(), bank.double()).amin(dim=1).float()
-    torch.testing.assert_close(pc.nearest_distance(queries, bank), naive, atol=1e-4, rtol=1e-5)
-    monkeypatch.setattr(pc, "NN_CHUNK", 20)  # several bank blocks
-    torch.testing.assert_close(pc.nearest_distance(queries, bank), naive, atol=1e-4, rtol=1e-5)
-
-
 def test_greedy_coreset_is_the_greedy_k_center_and_seeded():
     features = torch.randn(60, 16, generator=torch.Generator().manual_seed(1))
     picked = pc.greedy_coreset(features, 10, projection_dim=0, seed=3)

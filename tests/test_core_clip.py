@@ -13,13 +13,14 @@ from torch import nn
 
 import anomalens as al
 from anomalens.data import balanced_subset
-from anomalens.layers import GatedResidual
 from anomalens.methods.base import TrainBatch
 from anomalens.methods.core_clip import (
     CRM,
+    BottleneckMLP,
     ContextBatch,
     CoReCLIP,
     CSRLayer,
+    GatedResidual,
     calibration_loss,
     compatibility,
     compatibility_ce,
@@ -492,3 +493,49 @@ def test_learns_unseen_subject_context_pairs(tmp_path, monkeypatch):
     )
     after = _class_mean_auroc(m, cc)
     assert after >= 0.65 and after >= before + 0.15, (before, after)
+
+
+# ---------------------------------------------------------------------- modules
+def _set(linear: nn.Linear, weight: list, bias: list | None = None) -> None:
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor(weight))
+        if bias is not None:
+            linear.bias.copy_(torch.tensor(bias))
+
+
+def test_bottleneck_mlp_formula_and_shapes():
+    mlp = BottleneckMLP(4, reduction=4)
+    assert mlp.down.weight.shape == (1, 4) and mlp.up.weight.shape == (4, 1)
+    assert mlp.down.bias is None and mlp.up.bias is None
+    _set(mlp.down, [[1.0, 1.0, 1.0, 1.0]])
+    _set(mlp.up, [[1.0], [-1.0], [2.0], [0.0]])
+    # down: 1 - 2 = -1 -> LeakyReLU -0.01 -> up: [-0.01, 0.01, -0.02, 0]; no output activation.
+    torch.testing.assert_close(
+        mlp(torch.tensor([1.0, -2.0, 0.0, 0.0])), torch.tensor([-0.01, 0.01, -0.02, 0.0])
+    )
+    assert BottleneckMLP(64)(torch.randn(3, 10, 64)).shape == (3, 10, 64)
+    with pytest.raises(ValueError):
+        BottleneckMLP(3, reduction=4)
+
+
+class _Double(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+
+def test_gated_residual_formula_init_and_range():
+    gated = GatedResidual(_Double(), init=0.1)
+    assert gated.gate.item() == pytest.approx(0.1, abs=1e-6)
+    x = torch.tensor([1.0, -3.0])
+    # (1 - 0.1) x + 0.1 * 2x = 1.1 x
+    torch.testing.assert_close(gated(x), 1.1 * x)
+    gated(x).sum().backward()
+    assert gated.theta.grad is not None and gated.theta.grad.item() != 0
+    with torch.no_grad():
+        for theta in (-50.0, 50.0):
+            gated.theta.fill_(theta)
+            assert 0.0 <= gated.gate.item() <= 1.0
+    assert GatedResidual(_Double(), init=0.7).gate.item() == pytest.approx(0.7, abs=1e-6)
+    for bad in (0.0, 1.0, -0.2):
+        with pytest.raises(ValueError):
+            GatedResidual(_Double(), init=bad)

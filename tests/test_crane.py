@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
 
 import anomalens as al
 from anomalens.backbones import load_clip
@@ -20,13 +19,12 @@ from anomalens.methods.crane import (
     CONFIGURATIONS,
     Crane,
     anomaly_map,
-    gaussian_blur,
     insert_context_token,
     pixel_losses,
     score_based_pooling,
-    similarity_logits,
 )
 from anomalens.metrics import image_auroc, pixel_auroc
+from anomalens.ops import anchor_logits, anchor_probability
 from helpers import differ
 
 SIZE = 64
@@ -93,15 +91,13 @@ def test_dattn_mean_per_image_vs_batch():
 
 
 def test_similarity_logits_eq1():
-    """Eq. (1): [⟨e, g_n⟩, ⟨e, g_a⟩] / τ."""
+    """Eq. (1): [⟨e, g_n⟩, ⟨e, g_a⟩] / τ, as Crane calls the shared op (scale 1/τ)."""
     text = torch.tensor([[[1.0, 0.0], [0.6, 0.8]]])
     torch.testing.assert_close(
-        similarity_logits(torch.tensor([[1.0, 0.0]]), text, 0.5), torch.tensor([[2.0, 1.2]])
+        anchor_logits(torch.tensor([[1.0, 0.0]]), text, 1.0 / 0.5), torch.tensor([[2.0, 1.2]])
     )
     patches = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
-    torch.testing.assert_close(
-        similarity_logits(patches, text, 1.0), torch.tensor([[[0.0, 0.8], [1.0, 0.6]]])
-    )
+    torch.testing.assert_close(anchor_logits(patches, text, 1.0), torch.tensor([[[0.0, 0.8], [1.0, 0.6]]]))
 
 
 def test_anomaly_map_soft_mean_vs_mean_logits():
@@ -125,14 +121,6 @@ def test_score_based_pooling_by_hand():
     paper = score_based_pooling(z, logits, g_i, mode="paper")[0]  # branches [0.4, 0.6] and [1, 0]
     torch.testing.assert_close(paper, F.normalize(torch.tensor([0.35, 0.65]), dim=0))
     assert score_based_pooling(z, logits, g_i, mode="none") is g_i
-
-
-def test_gaussian_blur_equals_scipy():
-    maps = torch.rand(2, 20, 23, generator=torch.Generator().manual_seed(0))
-    for sigma in (1.5, 4.0):  # radius 16 > 20/2: the reflection wraps more than once
-        expected = np.stack([gaussian_filter(m, sigma=sigma) for m in maps.numpy()])
-        np.testing.assert_allclose(gaussian_blur(maps, sigma).numpy(), expected, atol=1e-6)
-    assert gaussian_blur(maps, 0) is maps
 
 
 def test_insert_context_token_moves_eot():
@@ -229,7 +217,7 @@ def test_score_pooling_switch(make, images):
     scores, _ = m.forward_batch(images, ["object"] * 3, None)
     with torch.no_grad():
         g_i = m.visual_features(images).global_embedding
-        expected = similarity_logits(g_i, m.text_features(None), 0.07).softmax(dim=-1)[:, 1]
+        expected = anchor_probability(g_i, m.text_features(None), 1.0 / 0.07)
     torch.testing.assert_close(scores, expected)
     official, _ = make().forward_batch(images, ["object"] * 3, None)
     paper, _ = make(score_pooling="paper").forward_batch(images, ["object"] * 3, None)

@@ -19,8 +19,9 @@ from anomalens.converters.inctrl import convert, map_official_state
 from anomalens.data import DataError
 from anomalens.methods.inctrl import (
     InCTRL,
+    InCTRLAdapter,
     InCTRLv2,
-    anomaly_probability,
+    ScoreHead,
     dasl_subset,
     generalist_score,
     holistic_score,
@@ -37,6 +38,7 @@ from anomalens.methods.inctrl import (
     v1_prompts,
 )
 from anomalens.metrics import image_auroc, pixel_auroc
+from anomalens.ops import anchor_probability
 
 SIZE = 64
 TINY = {"backbone": "test-tiny", "pretrained": None, "device": "cpu", "image_size": SIZE}
@@ -99,7 +101,7 @@ def test_eq3_matches_a_loop_for_shared_and_per_query_memory_with_chunking():
                 for n in range(5):
                     cos = memory[b % groups, layer] @ queries[b, layer, n]
                     loop[b, layer, n] = min(0.5 * (1 - c) for c in cos.tolist())
-        for chunk in (1, 13, 10**6):  # 1 and 13 elements split the memory into several blocks
+        for chunk in (1, 13, 10**6):  # 1 and 13 elements split the queries into several blocks
             torch.testing.assert_close(patch_residual_maps(queries, memory, 0.5, chunk), loop)
     with pytest.raises(ValueError, match="support memory for 2 queries"):
         patch_residual_maps(queries, memory[:2], 0.5)
@@ -125,10 +127,10 @@ def test_eq6_semantic_score_softmax_over_normal_and_anomalous():
     anchors = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # (B, 2, E): F_n = e1, F_a = e2
     features = torch.tensor([[3.0, 0.0]])  # normalised to e1: cos = [1, 0]
     expected = torch.tensor([1.0 / (1.0 + math.e)])  # softmax([1, 0])[a]
-    torch.testing.assert_close(anomaly_probability(features, anchors, 1.0), expected)
+    torch.testing.assert_close(anchor_probability(F.normalize(features, dim=-1), anchors, 1.0), expected)
     # A scale of 2 sharpens it: softmax([2, 0])[a].
     torch.testing.assert_close(
-        anomaly_probability(features, anchors, 2.0), torch.tensor([1 / (1 + math.e**2)])
+        anchor_probability(F.normalize(features, dim=-1), anchors, 2.0), torch.tensor([1 / (1 + math.e**2)])
     )
 
 
@@ -542,3 +544,73 @@ def test_inctrlv2_learns_and_stays_well_above_chance_on_held_out_classes(learnin
     assert after["fresh"]["oasl"] > before["fresh"]["oasl"] + 0.1, (before, after)
     assert after["seen"]["s_i"] > before["seen"]["s_i"] + 0.1, (before, after)
     assert after["held"]["image"] > 0.7 and after["held"]["pixel"] > 0.6, after
+
+
+# ---------------------------------------------------------------------- modules
+def _set(linear: nn.Linear, weight: list, bias: list | None = None) -> None:
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor(weight))
+        if bias is not None:
+            linear.bias.copy_(torch.tensor(bias))
+
+
+def test_score_head_linear_relu_batchnorm_order_by_hand():
+    head = ScoreHead(2, hidden=(2,)).eval()
+    _set(head.linears[0], [[1.0, 0.0], [0.0, 1.0]], [0.0, -1.0])
+    _set(head.out, [[2.0, 3.0]], [0.25])
+    norm = head.norms[0]
+    with torch.no_grad():
+        norm.running_mean.fill_(0.5)
+        norm.running_var.fill_(1.0 - norm.eps)  # sqrt(var + eps) = 1
+    # x = [1, 0.5]: Linear -> [1, -0.5]; ReLU -> [1, 0]; BN -> [0.5, -0.5]; 2*0.5 + 3*(-0.5) + 0.25 = -0.25.
+    # (BN before ReLU would give [0.5, -1] -> [0.5, 0] -> 1.25.)
+    out = head(torch.tensor([[1.0, 0.5]]))
+    assert out.shape == (1,)
+    assert out.item() == pytest.approx(1 / (1 + math.exp(0.25)), rel=1e-6)
+
+
+def test_score_head_shapes_range_and_parameter_layout():
+    torch.manual_seed(0)
+    head = ScoreHead(16)
+    out = head(torch.randn(8, 16))  # train mode: batch statistics
+    assert out.shape == (8,) and torch.all((out > 0) & (out < 1))
+    head.eval()
+    assert head(torch.randn(2, 3, 16)).shape == (2, 3)
+    shapes = {
+        k: tuple(v.shape) for k, v in head.state_dict().items() if not k.endswith("num_batches_tracked")
+    }
+    assert shapes == {
+        "linears.0.weight": (128, 16),
+        "linears.0.bias": (128,),
+        "linears.1.weight": (64, 128),
+        "linears.1.bias": (64,),
+        "norms.0.weight": (128,),
+        "norms.0.bias": (128,),
+        "norms.0.running_mean": (128,),
+        "norms.0.running_var": (128,),
+        "norms.1.weight": (64,),
+        "norms.1.bias": (64,),
+        "norms.1.running_mean": (64,),
+        "norms.1.running_var": (64,),
+        "out.weight": (1, 64),
+        "out.bias": (1,),
+    }
+
+
+def test_inctrl_adapter_formula_and_official_key_names():
+    adapter = InCTRLAdapter(4, reduction=4)
+    assert {k: tuple(v.shape) for k, v in adapter.state_dict().items()} == {
+        "fc.0.weight": (1, 4),
+        "fc.2.weight": (4, 1),
+    }
+    _set(adapter.fc[0], [[1.0, -1.0, 0.0, 0.0]])
+    _set(adapter.fc[2], [[1.0], [-1.0], [2.0], [0.0]])
+    # x = [3, 1, 0, 0]: 2 -> ReLU 2 -> [2, -2, 4, 0] -> ReLU [2, 0, 4, 0]
+    torch.testing.assert_close(
+        adapter(torch.tensor([3.0, 1.0, 0.0, 0.0])), torch.tensor([2.0, 0.0, 4.0, 0.0])
+    )
+    # x = [1, 3, 0, 0]: -2 -> ReLU 0 -> zeros
+    torch.testing.assert_close(adapter(torch.tensor([1.0, 3.0, 0.0, 0.0])), torch.zeros(4))
+    assert InCTRLAdapter(640)(torch.randn(5, 640)).shape == (5, 640)
+    with pytest.raises(ValueError):
+        InCTRLAdapter(2, reduction=4)

@@ -9,6 +9,7 @@ import torch
 import anomalens.methods.winclip as wc
 from anomalens.backbones import window_indices
 from anomalens.methods.base import create
+from anomalens.ops import anchor_probability
 
 SIZE = 64  # test-tiny, patch 16 → 4×4 grid
 
@@ -62,7 +63,8 @@ def test_uncovered_patches_are_refused():
         create("winclip", backbone="test-tiny", pretrained=None, device="cpu", image_size=80, stride=2)
 
 
-def test_anomaly_probability_is_scaled_softmax():
+def test_zero_shot_score_is_scaled_softmax():
+    """§4.1 ascore_0 as WinCLIP computes it: the shared anchor probability of the unit embeddings."""
     anchors = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8]]), dim=-1)
     f = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # cos with anchors: [1, 0.6] and [0, 0.8]
     expected = torch.tensor(
@@ -72,7 +74,9 @@ def test_anomaly_probability_is_scaled_softmax():
         ],
         dtype=torch.float32,
     )
-    torch.testing.assert_close(wc.anomaly_probability(f, anchors, 10.0), expected)
+    torch.testing.assert_close(
+        anchor_probability(torch.nn.functional.normalize(f, dim=-1), anchors, 10.0), expected
+    )
 
 
 def test_association_distance_matches_naive():
@@ -98,7 +102,7 @@ def test_zero_shot_shapes_and_ranges(model):
 
 
 def test_text_anchors_are_unit_norm_and_cached_per_class(model, monkeypatch):
-    bottle, screw = model.text_anchors("bottle"), model.text_anchors("screw")
+    bottle, screw = model.text_anchors(["bottle", "screw"])
     assert bottle.shape == (2, model.backbone.embed_dim)
     torch.testing.assert_close(bottle.norm(dim=-1), torch.ones(2))
     assert not torch.allclose(bottle, screw)
@@ -107,7 +111,7 @@ def test_text_anchors_are_unit_norm_and_cached_per_class(model, monkeypatch):
         raise AssertionError("text anchors were encoded again")
 
     monkeypatch.setattr(model.backbone, "encode_text", no_more_text)
-    torch.testing.assert_close(model.text_anchors("bottle"), bottle)
+    torch.testing.assert_close(model.text_anchors(["bottle"])[0], bottle)
 
 
 def test_few_shot_with_the_query_in_support_halves_the_zero_shot_score(model):

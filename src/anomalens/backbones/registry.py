@@ -27,7 +27,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 import open_clip
-import torch
 from open_clip.constants import (
     HF_SAFE_WEIGHTS_NAME,
     HF_WEIGHTS_NAME,
@@ -36,6 +35,8 @@ from open_clip.constants import (
     OPENAI_DATASET_MEAN,
     OPENAI_DATASET_STD,
 )
+
+from anomalens.ops import resolve_device  # noqa: F401  (re-exported by anomalens.backbones)
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 TEST_TINY = "test-tiny"
@@ -340,10 +341,3 @@ def list_backbones() -> list[str]:
     """The backbones the methods are written and tested for: the papers' CLIP ViTs, ``test-tiny``, and
     the DINO models. Any other open_clip ViT with class-token pooling and standard blocks also loads."""
     return [*PAPER_BACKBONES, TEST_TINY, MINI, DEFAULT_DINO, TEST_TINY_DINO]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """Device from a name: "auto" → CUDA when available, else CPU; anything else → `torch.device`."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)

@@ -46,9 +46,9 @@ from torch import nn
 
 from anomalens.backbones import ClipBackbone, map_layer, map_layers
 from anomalens.data.types import Sample
-from anomalens.layers import BiasFreeProjection, NormMatchedResidualAdapter
-from anomalens.losses import dice_loss, focal_loss, full_precision
+from anomalens.losses import dice_loss, focal_loss
 from anomalens.methods.base import Method, Prediction, Stage, TrainBatch, TrainConfig, register
+from anomalens.ops import anchor_logits, gaussian_blur
 from anomalens.prompts import AA_CLIP, aa_clip_prompts, class_word, ensemble_text_features
 
 # Input side of the paper (ViT-L/14 at 518 gives a 37×37 patch grid); other backbones default to
@@ -140,21 +140,6 @@ class VisualBranch:
 
 
 # ---------------------------------------------------------------------------------------------- math
-@full_precision
-def anchor_logits(features: torch.Tensor, anchors: torch.Tensor, scale: float) -> torch.Tensor:
-    """Eq. (3): ``scale · CosSim(V, [T_N, T_A])`` for unit-norm features and anchors.
-
-    Args:
-        features: (B, N, E) patch (or (B, 1, E) image) features, unit norm.
-        anchors: (B, 2, E) [T_N, T_A] per image, unit norm.
-        scale: temperature (100 for the patch maps, 1 for the official image branch).
-
-    Returns:
-        (B, N, 2) logits [normal, anomalous].
-    """
-    return scale * torch.einsum("bne,bke->bnk", features, anchors)
-
-
 def segmentation_probabilities(logits: torch.Tensor, grid: tuple[int, int], size: int) -> torch.Tensor:
     """Training map of Eq. (3)-(4): logits on the patch grid, bilinear (align_corners=True) to S, softmax.
 
@@ -225,32 +210,6 @@ def tap_anomaly_map(logits: torch.Tensor) -> torch.Tensor:
         (B, N).
     """
     return (logits[..., 1] + 1.0 - logits[..., 0]) / 2.0
-
-
-def gaussian_kernel1d(kernel_size: int, sigma: float) -> torch.Tensor:
-    """Normalised 1-D Gaussian of odd size centred on its middle tap (kornia's ``get_gaussian_kernel1d``)."""
-    x = torch.arange(kernel_size, dtype=torch.float64) - kernel_size // 2  # (k,)
-    g = torch.exp(-(x**2) / (2.0 * sigma**2))
-    return g / g.sum()
-
-
-def gaussian_blur(maps: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with reflect padding (kornia ``gaussian_blur2d``'s default border).
-
-    Args:
-        maps: (B, h, w) maps; h and w must exceed ``kernel_size // 2``.
-
-    Returns:
-        (B, h, w).
-    """
-    if sigma <= 0 or kernel_size == 1:
-        return maps
-    pad = kernel_size // 2
-    kernel = gaussian_kernel1d(kernel_size, sigma).to(maps)  # (k,)
-    x = F.pad(maps[:, None], (pad, pad, pad, pad), mode="reflect")  # (B, 1, h+2p, w+2p)
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1))  # (B, 1, h+2p, w)
-    x = F.conv2d(x, kernel.view(1, 1, -1, 1))  # (B, 1, h, w)
-    return x[:, 0]
 
 
 def image_term(det: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
@@ -342,6 +301,48 @@ def colour_augmentation() -> T.Compose:
     )
 
 
+# ------------------------------------------------------------------------------------------ modules
+class NormMatchedResidualAdapter(nn.Module):
+    """AA-CLIP residual adapter, Eq. (1)-(2) of AA-CLIP (002 §3.2.1), as the official code reads them.
+
+        a = LeakyReLU(W x)              W: (D, D), no bias, xavier-uniform init; slope 0.01
+        a <- a * ||x|| / ||a||          per token: "Norm" matches the adapter output to the token's norm
+        x <- lam * a + (1 - lam) * x    lam = 0.1
+
+    Applied to every token, after the MLP of each of the first K blocks. ``||a||`` is clamped at 1e-12
+    (the official code divides unguarded; the clamp only acts on an all-zero adapter output).
+    """
+
+    def __init__(self, dim: int, lam: float = 0.1):
+        super().__init__()
+        self.lam = lam
+        self.fc = nn.Linear(dim, dim, bias=False)
+        nn.init.xavier_uniform_(self.fc.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.leaky_relu(self.fc(x))  # (..., D)
+        a = a * x.norm(dim=-1, keepdim=True) / a.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return self.lam * a + (1.0 - self.lam) * x
+
+
+class BiasFreeProjection(nn.Module):
+    """Linear map without bias, optionally followed by LeakyReLU (slope 0.01); xavier-uniform init.
+
+    AA-CLIP's learnable text projection (768->768 with LeakyReLU, replacing CLIP's ``text_projection``)
+    and its image projectors ``seg_proj`` / ``det_proj`` (1024->768, no activation by default).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, act: bool):
+        super().__init__()
+        self.act = act
+        self.fc = nn.Linear(in_dim, out_dim, bias=False)
+        nn.init.xavier_uniform_(self.fc.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        return F.leaky_relu(y) if self.act else y
+
+
 # ------------------------------------------------------------------------------------------- method
 @register("aa-clip")
 class AACLIP(Method):
@@ -383,8 +384,6 @@ class AACLIP(Method):
             BiasFreeProjection(bb.width, bb.embed_dim, act=config.projector_act) for _ in self.taps
         )
         self.det_projector = BiasFreeProjection(bb.width, bb.embed_dim, act=config.projector_act)
-        self._anchor_cache: dict[str, torch.Tensor] = {}
-        self._anchor_key: tuple[float, ...] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -436,14 +435,7 @@ class AACLIP(Method):
     @torch.no_grad()
     def frozen_anchors(self, class_names: Sequence[str]) -> torch.Tensor:
         """[T_N, T_A] of each name (B, 2, E), cached per class while the text parameters are unchanged."""
-        key = _fingerprint(self._text_parameters())
-        if key != self._anchor_key:
-            self._anchor_cache, self._anchor_key = {}, key
-        missing = sorted({c for c in class_names if c not in self._anchor_cache})
-        if missing:
-            # float32 whatever the autocast context they are computed in (they are reused outside it)
-            self._anchor_cache.update(zip(missing, self.class_anchors(missing).float(), strict=True))
-        return torch.stack([self._anchor_cache[c] for c in class_names]).to(self.device)  # (B, 2, E)
+        return self.cached_anchors(class_names, self.class_anchors, self._text_parameters())  # (B, 2, E)
 
     # ------------------------------------------------------------------ image
     def visual_branch(self, images: torch.Tensor) -> VisualBranch:
@@ -477,7 +469,8 @@ class AACLIP(Method):
         b = anchors.shape[0]
         total = sum(tap_anomaly_map(anchor_logits(f, anchors, self.config.logit_scale)) for f in patches)
         grid = total.reshape(b, *self.backbone.grid)  # (B, gh, gw)
-        blurred = gaussian_blur(grid, *self.blur)  # (B, gh, gw)
+        kernel, sigma = self.blur
+        blurred = gaussian_blur(grid, sigma, radius=kernel // 2, border="mirror")  # kornia's (B, gh, gw)
         size = (self.backbone.image_size, self.backbone.image_size)
         return F.interpolate(blurred[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
 
@@ -617,14 +610,6 @@ class AACLIP(Method):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _fingerprint(parameters: Sequence[torch.Tensor]) -> tuple[float, ...]:
-    """Cheap content key of the text parameters (sum and sum of squares of each), to invalidate caches."""
-    if not parameters:
-        return ()
-    stats = [torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]) for p in parameters]
-    return tuple(torch.cat(stats).tolist())
-
-
 def _check_config(config: AACLIPConfig, backbone: ClipBackbone) -> None:
     if config.domain not in DOMAINS:
         raise ValueError(f"aa-clip: domain must be one of {', '.join(DOMAINS)}, got {config.domain!r}")

@@ -15,7 +15,7 @@ Written from the paper (§3), with facts checked against the MIT official code (
   embedding is the original path's CLS;
 * scores: P = softmax(cos(·, [g_n, g_a]) / 0.07); image score P_a of the image embedding; per tap the
   patch probabilities are upsampled (bilinear) to S, the map is Σ_taps (P_a + 1 − P_n)/2, then a
-  Gaussian σ = 4 (scipy, as the official evaluation);
+  Gaussian σ = 4 (scipy's filter, as the official evaluation, run on the device: `ops.gaussian_blur`);
 * training objective (local + global losses):
   λ·Σ_taps [focal(P, mask) + dice(P_a, mask) + dice(P_n, 1 − mask)] + CE(image), λ = 4;
   Adam lr 1e-3, betas (0.5, 0.999), batch 8, 15 epochs.
@@ -27,12 +27,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
 from torch import nn
 
 from anomalens.backbones import ClipBackbone, EAttnSpec
 from anomalens.losses import dice_loss, focal_loss, full_precision
 from anomalens.methods.base import Method, Stage, TrainBatch, TrainConfig, register
+from anomalens.ops import anchor_logits, anchor_probability, gaussian_blur
 from anomalens.prompts import OBJECT_AGNOSTIC_ANOMALOUS, OBJECT_AGNOSTIC_NORMAL
 
 
@@ -83,7 +83,7 @@ def patch_probabilities(
     Returns:
         (B, 2, S, S) probabilities [P_n, P_a].
     """
-    probs = (patches @ text.T / temperature).softmax(dim=-1)  # (B, N, 2)
+    probs = anchor_logits(patches, text, 1.0 / temperature).softmax(dim=-1)  # (B, N, 2)
     probs = probs.transpose(1, 2).unflatten(-1, grid)  # (B, 2, gh, gw)
     return F.interpolate(probs, size=(size, size), mode="bilinear", align_corners=False)
 
@@ -149,14 +149,9 @@ class AnomalyCLIP(Method):
         """(B, 3, S, S) → scores (B,) and maps (B, S, S); class names are not used (object-agnostic)."""
         text = self.text_features()
         image, local = self._visual(images)
-        score = (image @ text.T / self.config.temperature).softmax(dim=-1)[:, 1]
+        score = anchor_probability(image, text, 1.0 / self.config.temperature)  # (B,)
         maps = torch.stack([(p[:, 1] + 1.0 - p[:, 0]) / 2.0 for p in self._probabilities(local, text)]).sum(0)
-        if self.config.sigma > 0:
-            smooth = gaussian_filter(
-                maps.float().cpu().numpy(), sigma=(0, self.config.sigma, self.config.sigma)
-            )
-            maps = torch.from_numpy(smooth).to(maps.device)
-        return score, maps
+        return score, gaussian_blur(maps, self.config.sigma)
 
     def loss(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         """Training objective: λ·Σ_taps [focal + dice(P_a, mask) + dice(P_n, 1 − mask)] + CE(image logits).

@@ -24,6 +24,7 @@ few-shot code min-max normalises max(map) over each evaluated class instead of d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,12 +34,12 @@ from torch import nn
 from anomalens.backbones import ClipBackbone
 from anomalens.losses import dice_loss, focal_loss, full_precision
 from anomalens.methods.base import Method, Stage, TrainBatch, TrainConfig, register
+from anomalens.ops import anchor_logits, anchor_probability, nearest_similarity
 from anomalens.prompts import (
     WINCLIP_ANOMALOUS_STATES,
     WINCLIP_NORMAL_STATES,
     PromptSet,
     class_word,
-    ensemble_text_features,
 )
 
 # The official code's fixed temperature (100 = CLIP's trained logit scale), used for scores and maps.
@@ -121,19 +122,15 @@ def segmentation_probabilities(
     Returns:
         (B, 2, S, S) probabilities [p_n, p_a].
     """
-    cos = torch.einsum("bne,bce->bcn", F.normalize(tokens, dim=-1), anchors.to(tokens.dtype))  # (B, 2, N)
-    logits = LOGIT_SCALE * cos
-    logits = logits.unflatten(-1, grid)  # (B, 2, gh, gw)
+    logits = anchor_logits(F.normalize(tokens, dim=-1), anchors.to(tokens.dtype), LOGIT_SCALE)  # (B, N, 2)
+    logits = logits.transpose(1, 2).unflatten(-1, grid)  # (B, 2, gh, gw)
     logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=True)
     return logits.softmax(dim=1)
 
 
 def min_cosine_distance(queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """min over the memory of (1 − cos): (B, N, D) queries, (R, D) unit-norm memory → (B, N).
-
-    One image at a time, so that memory stays at N×R entries (ViT-L at 518, K = 4: 1369 × 5476).
-    """
-    return torch.stack([1.0 - (q @ memory.T).amax(dim=-1) for q in F.normalize(queries, dim=-1)])
+    """min over the memory of (1 − cos): (B, N, D) queries, (R, D) unit-norm memory → (B, N)."""
+    return 1.0 - nearest_similarity(F.normalize(queries, dim=-1), memory)
 
 
 @register("april-gan")
@@ -149,22 +146,11 @@ class APRILGAN(Method):
         super().__init__(config, backbone)
         self.taps = backbone.map_layers(config.layers, config.ref_depth)
         self.projections = nn.ModuleList(nn.Linear(backbone.width, backbone.embed_dim) for _ in self.taps)
-        self._anchor_cache: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ text
-    @torch.no_grad()
-    def text_anchors(self, class_name: str) -> torch.Tensor:
-        """(2, E) unit-norm [t_n, t_a] of the official prompt ensemble, cached per class name."""
-        if class_name not in self._anchor_cache:
-            normal, anomalous = APRIL_GAN_PROMPTS.build(class_word(class_name))
-
-            def encode(prompts: list[str]) -> torch.Tensor:
-                return self.backbone.encode_text(self.backbone.tokenize(prompts))
-
-            with torch.autocast(self.device.type, enabled=False):  # full precision even inside training AMP
-                anchors = [ensemble_text_features(encode, normal), ensemble_text_features(encode, anomalous)]
-            self._anchor_cache[class_name] = torch.stack(anchors).float()
-        return self._anchor_cache[class_name].to(self.device)
+    def text_anchors(self, class_names: Sequence[str]) -> torch.Tensor:
+        """(B, 2, E) unit-norm [t_n, t_a] of the official prompt ensemble, cached per class name."""
+        return self.prompt_anchors(class_names, lambda c: APRIL_GAN_PROMPTS.build(class_word(c)))
 
     # ------------------------------------------------------------------ model
     def _tap_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -191,10 +177,9 @@ class APRILGAN(Method):
         self, images: torch.Tensor, class_names: list[str], support: list[torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) → scores (B,) and maps (B, S, S)."""
-        anchors = torch.stack([self.text_anchors(c) for c in class_names])  # (B, 2, E)
+        anchors = self.text_anchors(class_names)  # (B, 2, E)
         cls, tokens = self._tap_tokens(images)
-        cos = torch.einsum("be,bce->bc", F.normalize(cls.float(), dim=-1), anchors)  # (B, 2)
-        text_score = (LOGIT_SCALE * cos).softmax(dim=-1)[:, 1]
+        text_score = anchor_probability(F.normalize(cls.float(), dim=-1), anchors, LOGIT_SCALE)  # (B,)
         anomaly_map = torch.stack([p[:, 1] for p in self._maps(tokens, anchors)]).sum(dim=0)  # (B, S, S)
         weight = self.config.zero_shot_map_weight
         if support is not None:
@@ -219,7 +204,7 @@ class APRILGAN(Method):
         """
         supervised = batch.has_mask.any()
         rows = batch.has_mask if supervised else torch.ones_like(batch.has_mask)
-        anchors = torch.stack([self.text_anchors(c) for c in batch.class_names])[rows]  # (b, 2, E)
+        anchors = self.text_anchors(batch.class_names)[rows]  # (b, 2, E)
         _, tokens = self._tap_tokens(batch.images[rows])
         masks = batch.masks[rows]
         focal = dice = masks.new_zeros(())

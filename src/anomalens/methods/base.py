@@ -36,6 +36,8 @@ from anomalens.contracts import (
     TrainProgress,
 )
 from anomalens.data.types import Dataset, Sample
+from anomalens.ops import resolve_device
+from anomalens.prompts import ensemble_text_features
 
 __all__ = [  # the training contract and `Prediction` are re-exported from `anomalens.contracts`
     "DEFAULT",
@@ -134,6 +136,8 @@ class Method(nn.Module):
         self.recipe: dict[str, Any] | None = None  # the training recipe (`anomalens.recipes`), if any
         self._support_key: str | None = None
         self._support_ctx: Any = None
+        self._anchor_cache: dict[str, torch.Tensor] = {}
+        self._anchor_key: tuple[float, ...] = ()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -255,6 +259,45 @@ class Method(nn.Module):
             self._support_ctx = self.prepare_support(x)
             self._support_key = key
         return self._support_ctx
+
+    @torch.no_grad()
+    def cached_anchors(
+        self,
+        class_names: Sequence[str],
+        compute: Callable[[list[str]], torch.Tensor],
+        depends_on: Iterable[torch.Tensor] = (),
+    ) -> torch.Tensor:
+        """Per-class text anchors of each name, (B, ...) on the method's device.
+
+        ``compute(names)`` gives the (C, ...) anchors of the names not cached yet; it runs once per class
+        name, without gradient and in full precision (outside autocast: the anchors are reused outside
+        it), and is stored as float32. The cache is emptied when the tensors in ``depends_on`` (the
+        learned text weights the anchors come from) change, which `weights_fingerprint` detects.
+        """
+        key = weights_fingerprint(depends_on)
+        if key != self._anchor_key:
+            self._anchor_cache, self._anchor_key = {}, key
+        missing = sorted(set(class_names) - set(self._anchor_cache))
+        if missing:
+            with torch.autocast(self.device.type, enabled=False):
+                self._anchor_cache.update(zip(missing, compute(missing).float(), strict=True))
+        return torch.stack([self._anchor_cache[c] for c in class_names]).to(self.device)
+
+    def prompt_anchors(
+        self, class_names: Sequence[str], prompts: Callable[[str], tuple[list[str], list[str]]]
+    ) -> torch.Tensor:
+        """(B, 2, E) unit-norm [normal, anomalous] anchors of the frozen text tower, cached per class:
+        each side is the re-normalised mean of its prompts' normalised embeddings
+        (`prompts.ensemble_text_features`); ``prompts(name)`` gives the (normal, anomalous) prompts."""
+
+        def encode(texts: list[str]) -> torch.Tensor:
+            return self.backbone.encode_text(self.backbone.tokenize(texts))
+
+        def compute(names: list[str]) -> torch.Tensor:
+            pairs = [[ensemble_text_features(encode, side) for side in prompts(n)] for n in names]
+            return torch.stack([torch.stack(pair) for pair in pairs])  # (C, 2, E)
+
+        return self.cached_anchors(class_names, compute)
 
     def set_scores(self, prediction: Prediction, class_names: Sequence[str]) -> np.ndarray:
         """Image scores for a whole evaluated set; methods whose tables normalise per class override."""
@@ -385,10 +428,12 @@ def create(
 
 
 # ---------------------------------------------------------------------- helpers
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+
+
+def weights_fingerprint(tensors: Iterable[torch.Tensor]) -> tuple[float, ...]:
+    """Cheap content key of some weights (sum and sum of squares of each), to invalidate caches."""
+    stats = [torch.stack([t.detach().double().sum(), t.detach().double().square().sum()]) for t in tensors]
+    return tuple(torch.cat(stats).tolist()) if stats else ()
 
 
 def to_arrays(images: Any, argument: str) -> list[np.ndarray]:

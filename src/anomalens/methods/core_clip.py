@@ -50,9 +50,9 @@ from torch import nn
 
 from anomalens.backbones import ClipBackbone, map_layer
 from anomalens.data.types import Dataset, Sample
-from anomalens.layers import BottleneckMLP, GatedResidual
 from anomalens.losses import full_precision
 from anomalens.methods.base import Method, Stage, TrainBatch, TrainConfig, TrainProgress, register
+from anomalens.ops import anchor_logits, anchor_probability
 from anomalens.prompts import CORE_CLIP_CONTEXT, CORE_CLIP_DEFECT, core_clip_prompts
 
 # Reference depths of the paper's layer indices (ViT-L/14: 24 visual, 12 text blocks).
@@ -267,10 +267,7 @@ def compatibility(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     Returns:
         (B, ..., 2).
     """
-    b, e = features.shape[0], features.shape[-1]
-    flat = features.reshape(b, -1, e)  # (B, X, E)
-    cos = torch.einsum("bxe,bke->bxk", flat, text)  # (B, X, 2)
-    return cos.reshape(*features.shape[:-1], 2)
+    return anchor_logits(features, text, 1.0)
 
 
 @full_precision
@@ -346,13 +343,12 @@ def image_objective(
 
 
 def image_score(fused: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """Eq. (30): s(x) = σ(cos(z̃_crm, t̃1) − cos(z̃_crm, t̃0)).
+    """Eq. (30): s(x) = σ(cos(z̃_crm, t̃1) − cos(z̃_crm, t̃0)) = softmax([cos0, cos1])_1.
 
     Args:
         fused: (B, E) z̃_crm (any norm); text: (B, 2, E) unit norm.
     """
-    cos = compatibility(F.normalize(fused, dim=-1)[:, None], text)[:, 0]  # (B, 2)
-    return torch.sigmoid(cos[:, 1] - cos[:, 0])
+    return anchor_probability(F.normalize(fused, dim=-1), text, 1.0)
 
 
 def patch_margins(patches: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -389,6 +385,52 @@ def warmup_factor(done: float, warmup: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- modules
+class BottleneckMLP(nn.Module):
+    """Bias-free bottleneck D -> D/reduction -> D with LeakyReLU in between, xavier-uniform init.
+
+    Our reading of CoRe-CLIP's CSR_b (Eq. 11) and TR (Eq. 13), which the paper only calls a "residual
+    module" / "two-layer MLP": bias-free and xavier-initialised like the AA-CLIP adapters it builds on,
+    no activation on the output so the residual update can take either sign.
+    """
+
+    def __init__(self, dim: int, reduction: int = 4):
+        super().__init__()
+        hidden = dim // reduction
+        if hidden < 1:
+            raise ValueError(f"BottleneckMLP: dim {dim} // reduction {reduction} leaves no hidden unit")
+        self.down = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(hidden, dim, bias=False)
+        nn.init.xavier_uniform_(self.down.weight)
+        nn.init.xavier_uniform_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(F.leaky_relu(self.down(x)))
+
+
+class GatedResidual(nn.Module):
+    """x <- (1 - g) * x + g * f(x) with a learnable gate g = sigmoid(theta) in (0, 1).
+
+    CoRe-CLIP Eq. (11) (lambda_i, CSR adapters) and Eq. (13) (gamma_i, text refinement). The paper gives
+    no initial value; ``init = 0.1`` starts from AA-CLIP's fixed lambda.
+    """
+
+    def __init__(self, module: nn.Module, init: float = 0.1):
+        super().__init__()
+        if not 0.0 < init < 1.0:
+            raise ValueError(f"GatedResidual: init must be in (0, 1), got {init}")
+        self.module = module
+        self.theta = nn.Parameter(torch.tensor(math.log(init / (1.0 - init))))
+
+    @property
+    def gate(self) -> torch.Tensor:
+        """The current gate value g = sigmoid(theta)."""
+        return torch.sigmoid(self.theta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate
+        return (1.0 - g) * x + g * self.module(x)
+
+
 class CSRLayer(nn.Module):
     """The CSR adapters of one visual block: one residual module per branch, one shared gate λ_i (Eq. 11).
 
@@ -457,8 +499,6 @@ class CoReCLIP(Method):
             for _ in self.text_layers
         )
         self.crm = CRM(bb.embed_dim, config.attention_dim) if n > 1 and config.fusion == "crm" else None
-        self._text_cache: dict[str, torch.Tensor] = {}
-        self._text_key: tuple[float, ...] | None = None
 
     @property
     def logit_scale(self) -> float:
@@ -484,13 +524,7 @@ class CoReCLIP(Method):
     @torch.no_grad()
     def frozen_text(self, class_names: Sequence[str]) -> torch.Tensor:
         """[t̃0, t̃1] of each name (B, 2, E), cached per class while the text parameters are unchanged."""
-        key = _fingerprint(list(self.text_refiners.parameters()))
-        if key != self._text_key:
-            self._text_cache, self._text_key = {}, key
-        missing = sorted({c for c in class_names if c not in self._text_cache})
-        if missing:
-            self._text_cache.update(zip(missing, self.class_text(missing), strict=True))
-        return torch.stack([self._text_cache[c] for c in class_names]).to(self.device)
+        return self.cached_anchors(class_names, self.class_text, self.text_refiners.parameters())
 
     # ------------------------------------------------------------------ image
     def encode_branches(self, views: torch.Tensor, branch_ids: Sequence[int] | None = None) -> BranchFeatures:
@@ -701,10 +735,6 @@ class CoReCLIP(Method):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _fingerprint(parameters: Sequence[torch.Tensor]) -> tuple[float, ...]:
-    """Cheap content key of the text parameters (sum and sum of squares of each), to invalidate caches."""
-    stats = [torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]) for p in parameters]
-    return tuple(torch.cat(stats).tolist()) if stats else ()
 
 
 def _check_config(config: CoReCLIPConfig) -> None:

@@ -51,8 +51,9 @@ from anomalens.backbones.attention import (
 )
 from anomalens.backbones.registry import WeightsUnavailableError, resolve_timm_pretrained
 from anomalens.data.types import Sample
-from anomalens.losses import dice_loss, focal_loss, full_precision
+from anomalens.losses import dice_loss, focal_loss
 from anomalens.methods.base import DEFAULT, Method, Stage, TrainBatch, TrainConfig, register
+from anomalens.ops import anchor_logits, anchor_probability, gaussian_blur
 from anomalens.prompts import OBJECT_AGNOSTIC_ANOMALOUS, OBJECT_AGNOSTIC_NORMAL
 
 # The official `attn_type` names of the E-Attn variants, accepted as aliases of ours.
@@ -142,23 +143,6 @@ CONFIGURATIONS: dict[str, dict[str, Any]] = {
 
 
 # ---------------------------------------------------------------------- equations
-@full_precision
-def similarity_logits(features: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Eq. (1) before the softmax: ``[⟨e, g_n⟩, ⟨e, g_a⟩] / τ`` for unit-norm ``e`` and text features.
-
-    Args:
-        features: (B, N, E) or (B, E) unit-norm visual embeddings.
-        text: (B or 1, 2, E) unit-norm [g_n, g_a] (per image with image context, else shared).
-        temperature: τ (0.07 for maps and scores, 0.01 for the training CE).
-
-    Returns:
-        (B, N, 2) or (B, 2) logits; ``softmax(-1)[..., 1]`` is p_a.
-    """
-    if features.ndim == 2:
-        return torch.einsum("be,bce->bc", features, text.expand(features.shape[0], -1, -1)) / temperature
-    return torch.einsum("bne,bce->bnc", features, text.expand(features.shape[0], -1, -1)) / temperature
-
-
 def grid_to_image(values: torch.Tensor, grid: tuple[int, int], size: int, mode: str) -> torch.Tensor:
     """Per-patch values (B, N, C) on a ``grid`` → (B, C, size, size) (official ``regrid_upsample``).
 
@@ -230,36 +214,6 @@ def score_based_pooling(
     else:
         raise ValueError(f"score_pooling must be one of {SCORE_POOLING}, got {mode!r}")
     return F.normalize(weight * pooled + (1.0 - weight) * global_embedding, dim=-1)
-
-
-def _reflect_indices(n: int, radius: int, device: torch.device) -> torch.Tensor:
-    """Indices of scipy's "reflect" (half-sample symmetric, d c b a | a b c d) padding by ``radius``."""
-    i = torch.arange(-radius, n + radius, device=device) % (2 * n)  # (n + 2r,)
-    return torch.where(i >= n, 2 * n - 1 - i, i)
-
-
-def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """``scipy.ndimage.gaussian_filter(map, sigma)`` of each (H, W) map (mode "reflect", truncate 4),
-    as a separable torch convolution (official test.py smooths the maps with scipy).
-
-    Args:
-        maps: (B, H, W).
-
-    Returns:
-        (B, H, W); ``maps`` itself when ``sigma <= 0``.
-    """
-    if sigma <= 0:
-        return maps
-    radius = int(truncate * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(maps.device, maps.dtype).view(1, 1, -1)  # (1, 1, 2r+1)
-    out = maps
-    for _ in range(2):  # last axis, then (after the transpose) the other one
-        b, h, w = out.shape
-        padded = out.index_select(-1, _reflect_indices(w, radius, out.device))  # (B, H, W + 2r)
-        out = F.conv1d(padded.reshape(b * h, 1, -1), kernel).view(b, h, w).transpose(1, 2)
-    return out.contiguous()
 
 
 def insert_context_token(
@@ -462,12 +416,13 @@ class Crane(Method):
         config = self.config
         visual = self.visual_features(images)
         text = self.text_features(visual.global_embedding if config.context_at_test else None)
-        logits = [similarity_logits(z, text, config.temperature) for z in visual.branches]  # (B, N', 2)
+        scale = 1.0 / config.temperature
+        logits = [anchor_logits(z, text, scale) for z in visual.branches]  # Eq. (1): (B, N', 2)
         maps = anomaly_map(logits, visual.grid, self.backbone.image_size, config.soft_mean)  # (B, S, S)
         pooled = score_based_pooling(
             visual.branches, logits, visual.global_embedding, config.score_pooling, config.pooling_weight
         )  # (B, E)
-        scores = similarity_logits(pooled, text, config.temperature).softmax(dim=-1)[:, 1]
+        scores = anchor_probability(pooled, text, scale)  # (B,) p_a(g⁺)
         return scores, gaussian_blur(maps, config.sigma)
 
     # ------------------------------------------------------------------ training
@@ -479,7 +434,7 @@ class Crane(Method):
         config = self.config
         visual = self.visual_features(batch.images)
         text = self.text_features(visual.global_embedding if config.context_in_training else None)
-        logits = [similarity_logits(z, text, config.temperature) for z in visual.branches]
+        logits = [anchor_logits(z, text, 1.0 / config.temperature) for z in visual.branches]
         keep = batch.has_mask
         focal = dice = batch.images.new_zeros(())
         if keep.any():
@@ -489,7 +444,7 @@ class Crane(Method):
         pooled = score_based_pooling(
             visual.branches, logits, visual.global_embedding, config.score_pooling, config.pooling_weight
         )
-        image_logits = similarity_logits(pooled, text, config.train_image_temperature)  # (B, 2)
+        image_logits = anchor_logits(pooled, text, 1.0 / config.train_image_temperature)  # (B, 2)
         ce = F.cross_entropy(image_logits, batch.labels)
         loss = config.focal_weight * focal + config.dice_weight * dice + config.image_weight * ce
         return {"loss": loss, "focal": focal.detach(), "dice": dice.detach(), "ce": ce.detach()}

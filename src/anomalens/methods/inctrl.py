@@ -42,10 +42,10 @@ from torch import nn
 
 from anomalens.backbones import ClipBackbone
 from anomalens.data.types import DataError, Dataset, Sample
-from anomalens.layers import InCTRLAdapter, ScoreHead
 from anomalens.losses import binary_focal_loss, dice_loss, focal_loss, full_precision
 from anomalens.methods.base import Method, Stage, TrainBatch, TrainConfig, register
-from anomalens.prompts import class_word, ensemble_text_features, inctrl_prompts, winclip_prompts
+from anomalens.ops import anchor_logits, anchor_probability, nearest_similarity
+from anomalens.prompts import class_word, inctrl_prompts, winclip_prompts
 
 # Input sides of the paper backbones where they differ from the native size (paper 001 §5.1.3:
 # 240 for ViT-B/16+, 518 for ViT-L/14 = InCTRL+ / InCTRLv2-L).
@@ -163,35 +163,24 @@ def patch_residual_maps(
         queries: (B, L, N, D) unit-norm query patch tokens of L layers.
         memory: (G, L, R, D) unit-norm support patch tokens (R = K·N), G = 1 (shared) or B (per query).
         scale: factor of (1 − cos) (official 0.5).
-        chunk_elements: at most this many similarities are held at once (the memory is split along R).
+        chunk_elements: at most about this many similarities are held at once (queries are chunked).
 
     Returns:
         (B, L, N) residuals M^l_x, computed in fp32 even under autocast (in bf16, cosines near 1 would
         round away the residual).
     """
-    with torch.autocast(queries.device.type, enabled=False):
-        return _nearest_patch_residuals(queries.float(), memory.float(), scale, chunk_elements)
-
-
-def _nearest_patch_residuals(
-    queries: torch.Tensor, memory: torch.Tensor, scale: float, chunk_elements: int
-) -> torch.Tensor:
     b, n_layers, n, d = queries.shape
-    g, _, r, _ = memory.shape
-    if g not in (1, b):
-        raise ValueError(f"support memory for {g} queries given to a batch of {b}")
-    # An exported graph has a symbolic batch, so it compares with the whole memory at once.
-    chunk = r if torch.compiler.is_exporting() else max(1, chunk_elements // max(1, b * n_layers * n))
-    shared = g == 1
-    # A shared memory is one (L, B·N, D) × (L, D, c) product: broadcasting it over B would copy it.
-    q = queries.transpose(0, 1).reshape(n_layers, b * n, d) if shared else queries
-    best = None
-    for start in range(0, r, chunk):
-        part = memory[0, :, start : start + chunk] if shared else memory[:, :, start : start + chunk]
-        sim = torch.matmul(q, part.transpose(-1, -2)).amax(dim=-1)  # (L, B·N) or (B, L, N)
-        best = sim if best is None else torch.maximum(best, sim)
-    if shared:
-        best = best.view(n_layers, b, n).transpose(0, 1)  # (B, L, N)
+    g = memory.shape[0]
+    with torch.autocast(queries.device.type, enabled=False):
+        q, m = queries.float(), memory.float()
+        # One memory for the batch: (L, B·N, D) against (L, R, D), so the memory is not copied per query.
+        if g == 1:
+            best = nearest_similarity(q.transpose(0, 1).reshape(n_layers, b * n, d), m[0], chunk_elements)
+            best = best.view(n_layers, b, n).transpose(0, 1)  # (B, L, N)
+        elif g == b:
+            best = nearest_similarity(q, m, chunk_elements)  # (B, L, N)
+        else:
+            raise ValueError(f"support memory for {g} queries given to a batch of {b}")
     return scale * (1.0 - best)
 
 
@@ -201,25 +190,14 @@ def multi_layer_residual_map(layer_maps: torch.Tensor) -> torch.Tensor:
 
 
 @full_precision
-def anomaly_probability(features: torch.Tensor, anchors: torch.Tensor, scale: float) -> torch.Tensor:
-    """Eq. (6): s_a = softmax(scale·[cos(f, F_n), cos(f, F_a)])_a (also InCTRL v1's text prior s_t).
-
-    features: (B, E) image embeddings (any norm); anchors: (B, 2, E) unit-norm [F_n, F_a].
-    Returns (B,).
-    """
-    cos = torch.einsum("be,bce->bc", F.normalize(features, dim=-1), anchors)  # (B, 2)
-    return (scale * cos).softmax(dim=-1)[:, 1]
-
-
-@full_precision
 def semantic_layer_maps(patch_features: torch.Tensor, anchors: torch.Tensor, scale: float) -> torch.Tensor:
     """Eq. (7) / (14): per layer and patch, softmax(scale·[cos(φ(F^l), F_n), cos(φ(F^l), F_a)]).
 
     patch_features: (B, L, N, E) projected patch tokens φ(F^l) (any norm); anchors: (B, 2, E) unit-norm.
     Returns (B, L, 2, N): [S^l_n, S^l_a].
     """
-    cos = torch.einsum("blne,bce->blcn", F.normalize(patch_features, dim=-1), anchors)  # (B, L, 2, N)
-    return (scale * cos).softmax(dim=2)
+    logits = anchor_logits(F.normalize(patch_features, dim=-1), anchors, scale)  # (B, L, N, 2)
+    return logits.softmax(dim=-1).transpose(-1, -2)
 
 
 def semantic_maps(layer_maps: torch.Tensor) -> torch.Tensor:
@@ -331,6 +309,55 @@ def oasl_subset(dataset: Dataset) -> Dataset:
     return dataset.subset(train or normal)
 
 
+# ---------------------------------------------------------------------- modules
+class InCTRLAdapter(nn.Module):
+    """InCTRL's image adapter phi: Linear(D, D/r) -> ReLU -> Linear(D/r, D) -> ReLU, both bias-free.
+
+    Official code (``Adapter(640, 4)``, OFFICIAL_CODE_NOTES §3), PyTorch's default init; the final ReLU
+    is part of it. Parameter names match the official state dict (``fc.0.weight``, ``fc.2.weight``).
+    """
+
+    def __init__(self, dim: int, reduction: int = 4):
+        super().__init__()
+        hidden = dim // reduction
+        if hidden < 1:
+            raise ValueError(f"InCTRLAdapter: dim {dim} // reduction {reduction} leaves no hidden unit")
+        self.fc = nn.Sequential(
+            nn.Linear(dim, hidden, bias=False),
+            nn.ReLU(),
+            nn.Linear(hidden, dim, bias=False),
+            nn.ReLU(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+class ScoreHead(nn.Module):
+    """InCTRL's scoring head: [Linear -> ReLU -> BatchNorm1d] per hidden width, then Linear(., 1) -> sigmoid.
+
+    The official ``TransformerBasicHead`` (640->128->64->1 for eta_ref, 225->128->64->1 for eta_h) with
+    PyTorch's default init. Input (..., in_dim), output (...) in (0, 1); batch-norm statistics are taken
+    over all leading positions. Official checkpoint keys map as ``projection{i+1}`` -> ``linears.{i}``,
+    ``bn{i+2}`` -> ``norms.{i}``; the official ``bn1`` is never used in its forward and has no
+    counterpart here.
+    """
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...] = (128, 64)):
+        super().__init__()
+        widths = (in_dim, *hidden)
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))
+        self.norms = nn.ModuleList(nn.BatchNorm1d(b) for b in hidden)
+        self.out = nn.Linear(widths[-1], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        h = x.reshape(-1, x.shape[-1])  # (N, in_dim)
+        for linear, norm in zip(self.linears, self.norms, strict=True):
+            h = norm(F.relu(linear(h)))
+        return torch.sigmoid(self.out(h)).reshape(lead)
+
+
 # ---------------------------------------------------------------------- methods
 class _InCTRLBase(Method):
     """Shared parts of InCTRL and InCTRLv2: frozen features, support cache, in-context residuals."""
@@ -350,7 +377,6 @@ class _InCTRLBase(Method):
         self.n_patches = backbone.grid[0] * backbone.grid[1]
         self.adapter = InCTRLAdapter(backbone.embed_dim, config.adapter_reduction)
         self.ref_head = ScoreHead(backbone.embed_dim, tuple(config.head_hidden))
-        self._anchors: dict[str, torch.Tensor] = {}
         self._pool: SupportPool | None = None
 
     @classmethod
@@ -367,18 +393,9 @@ class _InCTRLBase(Method):
         """(normal, anomalous) prompts of a class."""
         raise NotImplementedError
 
-    @torch.no_grad()
     def text_anchors(self, class_names: Sequence[str]) -> torch.Tensor:
         """(B, 2, E) unit-norm [T_n, T_a] prompt-ensemble prototypes (Eq. 5), cached per class name."""
-
-        def encode(prompts: list[str]) -> torch.Tensor:
-            return self.backbone.encode_text(self.backbone.tokenize(prompts))
-
-        for name in sorted(set(class_names) - set(self._anchors)):
-            normal, anomalous = self.prompts(name)
-            pair = [ensemble_text_features(encode, normal), ensemble_text_features(encode, anomalous)]
-            self._anchors[name] = torch.stack(pair)  # (2, E)
-        return torch.stack([self._anchors[c] for c in class_names]).to(self.device)
+        return self.prompt_anchors(class_names, self.prompts)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -520,7 +537,9 @@ class InCTRL(_InCTRLBase):
                 tokens, support_cls.expand(b, -1, -1), per_query.expand(b, -1, -1, -1, -1)
             )
         s_i, residual_map = self.residuals(cls, tokens, support_cls, memory)
-        s_t = anomaly_probability(cls, self.text_anchors(class_names), self.config.text_scale)
+        s_t = anchor_probability(
+            F.normalize(cls, dim=-1), self.text_anchors(class_names), self.config.text_scale
+        )
         final = holistic_score(s_t, s_i, residual_map, self.holistic_head)
         return {"final": final, "s_i": s_i, "s_t": s_t, "residual_map": residual_map}
 
@@ -613,7 +632,7 @@ class InCTRLv2(_InCTRLBase):
         cls, tokens = self.encode(images)
         s_i, residual_map = self.residuals(cls, tokens, support.cls, support.tokens)
         anchors = self.text_anchors(class_names)  # (B, 2, E)
-        s_a = anomaly_probability(cls, anchors, self.scale)
+        s_a = anchor_probability(F.normalize(cls, dim=-1), anchors, self.scale)  # Eq. (6)
         return {
             "score": generalist_score(s_i, s_a, residual_map, self.config.alpha),
             "s_i": s_i,
@@ -657,7 +676,7 @@ class InCTRLv2(_InCTRLBase):
         cls, tokens = self.encode(batch.images)
         s_i, residual_map = self.residuals(cls, tokens, support.cls, support.tokens)
         anchors = self.text_anchors(batch.class_names)
-        s_a = anomaly_probability(cls, anchors, self.scale)
+        s_a = anchor_probability(F.normalize(cls, dim=-1), anchors, self.scale)  # Eq. (6)
         score = generalist_score(s_i, s_a, residual_map, self.config.alpha)
         image = image_focal_loss(score, batch.labels, logits=False)
         maps = self.semantic(self.dasl_projection, tokens, anchors)  # (B, 2, N)

@@ -26,15 +26,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
 from anomalens.backbones import ClipBackbone
 from anomalens.data.types import Dataset
 from anomalens.methods.base import Method, register
-
-# Entries of the (queries × bank) distance block computed at once.
-NN_CHUNK = 1 << 24
+from anomalens.ops import gaussian_blur, nearest_distance
 
 
 @dataclass(frozen=True)
@@ -107,26 +104,6 @@ def greedy_coreset(features: torch.Tensor, n: int, projection_dim: int, seed: in
         selected[i] = nearest.argmax()
         nearest = torch.minimum(nearest, ((x - x[selected[i]]) ** 2).sum(dim=1))
     return selected
-
-
-def nearest_distance(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """§3.3 patch score (before the max over patches): L2 distance of each query row to its nearest bank row.
-
-    Computed as |q|² + |m|² − 2 q·m in blocks of at most `NN_CHUNK` entries.
-
-    Args:
-        queries: (Q, D).
-        bank: (M, D).
-
-    Returns:
-        (Q,) distances.
-    """
-    q_sq = (queries**2).sum(dim=1, keepdim=True)  # (Q, 1)
-    best = torch.full((queries.shape[0],), float("inf"), device=queries.device, dtype=queries.dtype)
-    for part in bank.split(max(1, NN_CHUNK // max(1, queries.shape[0]))):
-        d2 = q_sq + (part**2).sum(dim=1) - 2.0 * queries @ part.T  # (Q, m)
-        best = torch.minimum(best, d2.amin(dim=1))
-    return best.clamp_min(0.0).sqrt()
 
 
 @register("patchcore")
@@ -229,8 +206,7 @@ class PatchCore(Method):
         if bank.shape[0] == 0:
             raise ValueError("patchcore needs support=[normal images of the class] or a fitted memory bank")
         features = self.patch_features(images)  # (B, N, D)
-        # One image at a time: the same computation whatever else is in the batch.
-        distances = torch.stack([nearest_distance(f, bank) for f in features])  # (B, N)
+        distances = nearest_distance(features, bank)  # (B, N) §3.3 patch scores
         size = (self.backbone.image_size,) * 2
         maps = F.interpolate(
             distances.unflatten(-1, self.backbone.grid)[:, None],
@@ -238,7 +214,4 @@ class PatchCore(Method):
             mode="bilinear",
             align_corners=False,
         )[:, 0]  # (B, S, S)
-        if self.config.sigma > 0:
-            smooth = gaussian_filter(maps.cpu().numpy(), sigma=(0, self.config.sigma, self.config.sigma))
-            maps = torch.from_numpy(smooth).to(maps.device)
-        return distances.amax(dim=1), maps
+        return distances.amax(dim=1), gaussian_blur(maps, self.config.sigma)

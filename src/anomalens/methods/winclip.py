@@ -22,6 +22,7 @@ Choices where the paper is not explicit are listed in ``docs/methods/winclip.md`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,8 @@ import torch.nn.functional as F
 
 from anomalens.backbones import ClipBackbone, window_indices
 from anomalens.methods.base import Method, register
-from anomalens.prompts import ensemble_text_features, winclip_prompts
+from anomalens.ops import anchor_probability, nearest_similarity
+from anomalens.prompts import winclip_prompts
 
 # Floor of a score before it is inverted in a harmonic mean: a zero distance gives a ~0 mean, not NaN.
 HARMONIC_EPS = 1e-12
@@ -61,22 +63,6 @@ class WinCLIPSupport:
 
     windows: list[torch.Tensor]
     patches: torch.Tensor
-
-
-def anomaly_probability(features: torch.Tensor, anchors: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """§4.1 zero-shot score: softmax over [normal, anomalous] of ``logit_scale · cos``, anomalous entry.
-
-    Args:
-        features: (..., E) image or window embeddings (any norm).
-        anchors: (..., 2, E) unit-norm [g_n, g_a], broadcast against ``features``.
-        logit_scale: CLIP's logit scale (100 for the released weights).
-
-    Returns:
-        (...) probabilities of "anomalous".
-    """
-    unit = F.normalize(features.float(), dim=-1)
-    cos = torch.einsum("...e,...ce->...c", unit, anchors.float())  # (..., 2)
-    return (logit_scale * cos).softmax(dim=-1)[..., 1]
 
 
 def window_coverage(windows: torch.Tensor, n_patches: int) -> torch.Tensor:
@@ -117,8 +103,7 @@ def association_distance(queries: torch.Tensor, memory: torch.Tensor) -> torch.T
     Returns:
         (B, Q) distances in [0, 1].
     """
-    cos = F.normalize(queries.float(), dim=-1) @ memory.T  # (B, Q, R)
-    return 0.5 * (1.0 - cos.amax(dim=-1))
+    return 0.5 * (1.0 - nearest_similarity(F.normalize(queries.float(), dim=-1), memory))
 
 
 @register("winclip")
@@ -139,22 +124,11 @@ class WinCLIP(Method):
                     f"winclip: {scale}x{scale} windows with stride {config.stride} leave patches "
                     f"of the {backbone.grid} grid uncovered"
                 )
-        self._anchor_cache: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ text
-    @torch.no_grad()
-    def text_anchors(self, class_name: str) -> torch.Tensor:
-        """(2, E) unit-norm [g_n, g_a] of the compositional prompt ensemble (§4.1), cached per class."""
-        if class_name not in self._anchor_cache:
-            normal, anomalous = winclip_prompts(class_name)
-
-            def encode(prompts: list[str]) -> torch.Tensor:
-                return self.backbone.encode_text(self.backbone.tokenize(prompts))
-
-            with torch.autocast(self.device.type, enabled=False):  # cached: full precision under AMP too
-                anchors = [ensemble_text_features(encode, normal), ensemble_text_features(encode, anomalous)]
-            self._anchor_cache[class_name] = torch.stack(anchors).float()
-        return self._anchor_cache[class_name].to(self.device)
+    def text_anchors(self, class_names: Sequence[str]) -> torch.Tensor:
+        """(B, 2, E) unit-norm [g_n, g_a] of the compositional prompt ensemble (§4.1), cached per class."""
+        return self.prompt_anchors(class_names, winclip_prompts)
 
     # ------------------------------------------------------------------ features
     def _windows(self) -> list[torch.Tensor]:
@@ -183,18 +157,16 @@ class WinCLIP(Method):
         b = images.shape[0]
         gh, gw = self.backbone.grid
         scale = self.backbone.logit_scale
-        anchors = torch.stack([self.text_anchors(c) for c in class_names])  # (B, 2, E)
+        anchors = self.text_anchors(class_names)  # (B, 2, E)
         out = self.backbone.encode_image(images)
-        image_score = anomaly_probability(out.cls, anchors, scale)  # (B,) ascore_0
+        image_score = anchor_probability(_unit(out.cls), anchors, scale)  # (B,) ascore_0 (§4.1)
 
         windows = self._windows()
         coverages = [window_coverage(w, gh * gw) for w in windows]
         embeddings = [self.backbone.encode_windows(images, w) for w in windows]  # (B, n_win, E) each
         zero_shot = [image_score[:, None].expand(b, gh * gw)]
         for emb, coverage in zip(embeddings, coverages, strict=True):
-            zero_shot.append(
-                harmonic_aggregation(anomaly_probability(emb, anchors[:, None], scale), coverage)
-            )
+            zero_shot.append(harmonic_aggregation(anchor_probability(_unit(emb), anchors, scale), coverage))
         zero_shot_map = harmonic_mean(zero_shot)  # (B, N) M_0
         if support is None:
             return image_score, zero_shot_map.view(b, gh, gw)
@@ -206,3 +178,8 @@ class WinCLIP(Method):
         few_shot_map = torch.stack(few_shot).mean(dim=0)  # (B, N) M_W
         score = 0.5 * (image_score + few_shot_map.amax(dim=1))
         return score, (0.5 * (zero_shot_map + few_shot_map)).view(b, gh, gw)
+
+
+def _unit(features: torch.Tensor) -> torch.Tensor:
+    """L2-normalised float32 embeddings (scores are computed in full precision)."""
+    return F.normalize(features.float(), dim=-1)
