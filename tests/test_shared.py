@@ -1,10 +1,17 @@
-"""Shared helpers: the text-anchor cache of `Method`."""
+"""Shared helpers: the text-anchor cache of `Method`, `Prediction.concat`, atomic file writes."""
 
 from __future__ import annotations
 
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
 import torch
 
-from anomalens.methods.base import create, weights_fingerprint
+from anomalens.files import atomic_path, atomic_write
+from anomalens.methods.base import Prediction, create, weights_fingerprint
 
 
 def test_anchors_are_computed_once_per_class_and_follow_the_weights():
@@ -36,3 +43,44 @@ def test_weights_fingerprint_sees_a_change_of_any_tensor():
     assert before == weights_fingerprint([a.clone(), b.clone()]) and weights_fingerprint([]) == ()
     b[1] = -1.0  # same sum of squares, another sum
     assert weights_fingerprint([a, b]) != before
+
+
+# ---------------------------------------------------------------------- Prediction.concat
+def test_prediction_concat_keeps_order_extras_and_stacks_equal_maps():
+    a = Prediction(np.array([0.1, 0.2]), np.zeros((2, 3, 3), np.float32), {"t": np.array([1.0, 2.0])})
+    b = Prediction(np.array([0.3], np.float32), [np.ones((3, 3), np.float32)], {"t": np.array([3.0])})
+    both = Prediction.concat([a, b])
+    assert both.scores.dtype == np.float32 and both.scores.tolist() == pytest.approx([0.1, 0.2, 0.3])
+    assert isinstance(both.maps, np.ndarray) and both.maps.shape == (3, 3, 3) and both.maps[2].sum() == 9
+    assert both.extras["t"].tolist() == [1.0, 2.0, 3.0]
+    mixed = Prediction.concat(
+        [b, Prediction(np.array([0.5]), [np.zeros((2, 4), np.float32)], {"t": np.zeros(1)})]
+    )
+    assert isinstance(mixed.maps, list) and [m.shape for m in mixed.maps] == [(3, 3), (2, 4)]
+    with pytest.raises(ValueError, match="no predictions"):
+        Prediction.concat([])
+
+
+# ---------------------------------------------------------------------- atomic writes
+def test_atomic_write_replaces_and_creates_folders(tmp_path: Path):
+    path = tmp_path / "a" / "b" / "out.txt"
+    atomic_write(path, "first")
+    atomic_write(path, b"second")
+    assert path.read_text() == "second" and os.listdir(path.parent) == ["out.txt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # created by open(), not mkstemp's 0600
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_atomic_path_keeps_the_old_file_when_the_writer_fails(tmp_path: Path, fsync: bool):
+    path = tmp_path / "model.bin"
+    path.write_text("old")
+    with pytest.raises(OSError, match="disk full"), atomic_path(path, fsync=fsync) as tmp:
+        tmp.write_text("half")
+        raise OSError("disk full")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["model.bin"]
+    with atomic_path(path, fsync=fsync) as tmp:
+        tmp.write_text("new")
+        assert path.read_text() == "old"  # readers see the previous file until the block ends
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["model.bin"]

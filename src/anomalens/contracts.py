@@ -8,7 +8,7 @@ engine on first use; the engine sees a method only through these types).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,18 @@ class Prediction:
 
     def __len__(self) -> int:
         return len(self.scores)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Prediction]) -> Prediction:
+        """The predictions of ``parts`` one after the other; maps are stacked when they share one size.
+
+        Every part must carry the same extras."""
+        if not parts:
+            raise ValueError("Prediction.concat: no predictions to concatenate")
+        maps = [m for p in parts for m in p.maps]
+        stacked = np.stack(maps) if len({m.shape for m in maps}) == 1 else maps
+        extras = {k: np.concatenate([p.extras[k] for p in parts]) for k in parts[0].extras}
+        return cls(np.concatenate([p.scores for p in parts]).astype(np.float32), stacked, extras)
 
 
 @dataclass

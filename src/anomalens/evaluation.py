@@ -337,20 +337,16 @@ def _predict_class(
     bar: tqdm,
 ) -> tuple[Prediction, list[np.ndarray | None]]:
     """Predictions for the images `indices` of one class, and their masks (None for normal images)."""
-    scores, maps, masks, extras = [], [], [], {}
+    parts, masks = [], []
     step = len(indices) if method.set_level else batch_size  # a set-level method scores the class at once
     for start in range(0, len(indices), step):
         samples = [dataset[i] for i in indices[start : start + step]]
-        pred = method.predict([s.image for s in samples], class_name, support=support, batch_size=batch_size)
-        scores.append(pred.scores)
-        maps.extend(pred.maps)
+        parts.append(
+            method.predict([s.image for s in samples], class_name, support=support, batch_size=batch_size)
+        )
         masks.extend(s.mask for s in samples)
-        for key, value in pred.extras.items():
-            extras.setdefault(key, []).append(value)
         bar.update(len(samples))
-    out_maps = np.stack(maps) if len({m.shape for m in maps}) == 1 else maps
-    extras = {k: np.concatenate(v) for k, v in extras.items()}
-    return Prediction(np.concatenate(scores).astype(np.float32), out_maps, extras), masks
+    return Prediction.concat(parts), masks
 
 
 def _to_model_resolution(

@@ -11,7 +11,6 @@ import dataclasses
 import html
 import io
 import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from PIL import Image
 from scipy import ndimage
 
 from anomalens.data.types import Dataset
+from anomalens.files import atomic_write
 
 if TYPE_CHECKING:
     from anomalens.evaluation import ClassResult
@@ -102,20 +102,6 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, _png_bytes(_check_rgb(image)))
-    return path
-
-
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write `data` to `path` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # open() honours the umask
-    try:
-        with open(tmp, "xb") as f:
-            f.write(raw)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

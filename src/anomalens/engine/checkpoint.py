@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,8 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 import torch
+
+from anomalens.files import atomic_path
 
 RESUME_FORMAT = 1
 _META_KEY = "anomalens_resume"
@@ -36,24 +37,14 @@ RngState = tuple[dict[str, torch.Tensor], dict[str, Any]]
 def atomic_save_safetensors(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 ) -> Path:
-    """Write a safetensors file via a temporary file in the same folder, fsync, then `os.replace`.
+    """Write a safetensors file atomically and flushed to disk (`files.atomic_path`).
 
     Readers see either the previous file or the complete new one; a failure part-way leaves the previous
     file untouched and removes the temporary file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path, fsync=True) as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 # ---------------------------------------------------------------------- optimiser state

@@ -17,8 +17,7 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,6 +35,7 @@ from anomalens.contracts import (
     TrainProgress,
 )
 from anomalens.data.types import Dataset, Sample
+from anomalens.files import atomic_path
 from anomalens.ops import resolve_device
 from anomalens.prompts import ensemble_text_features
 
@@ -224,19 +224,15 @@ class Method(nn.Module):
             raise ValueError(f"method {self.name!r} needs support=[K normal images of the class]")
         ctx = self._support_context(to_arrays(support, "support")) if support is not None else None
         self.eval()
-        scores, maps, extras = [], [], {}
+        parts = []
         for start in range(0, len(arrays), batch_size):
             chunk = arrays[start : start + batch_size]
             x = self.backbone.preprocess(chunk, resize=self.resize).to(self.device)
             s, m, *rest = self.forward_batch(x, names[start : start + batch_size], ctx)
-            for key, value in (rest[0] if rest else {}).items():
-                extras.setdefault(key, []).append(value.detach().double().cpu().numpy())
-            scores.append(s.float().cpu())
+            extras = {k: v.detach().double().cpu().numpy() for k, v in (rest[0] if rest else {}).items()}
             sized = resize_maps(m.float(), [a.shape[:2] for a in chunk], self.resize)
-            maps.extend(self.finish_map(a) for a in sized)
-        out_scores = torch.cat(scores).numpy().astype(np.float32)
-        out_maps = np.stack(maps) if len({m.shape for m in maps}) == 1 else maps
-        return Prediction(out_scores, out_maps, {k: np.concatenate(v) for k, v in extras.items()})
+            parts.append(Prediction(s.float().cpu().numpy(), [self.finish_map(a) for a in sized], extras))
+        return Prediction.concat(parts)
 
     def finish_map(self, amap: np.ndarray) -> np.ndarray:
         """Last step on each (H, W) map at its image's own resolution (after `resize_maps`); identity
@@ -365,19 +361,10 @@ class Method(nn.Module):
         """Write learned tensors (safetensors) with the JSON config in its header; atomic."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = self.trainable_state() or {"_empty": torch.zeros(0)}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(state, tmp, metadata={"anomalens": json.dumps(self.describe())})
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a model file is meant to be shared
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return Path(path)
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
