@@ -10,6 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from anomalens import data
+from anomalens.data import DataError
+from anomalens.data.formats import READERS
+from anomalens.data.types import check_classes, split_parts
 from anomalens.files import atomic_path, atomic_write
 from anomalens.methods.base import Prediction, create, weights_fingerprint
 
@@ -84,3 +88,23 @@ def test_atomic_path_keeps_the_old_file_when_the_writer_fails(tmp_path: Path, fs
         tmp.write_text("new")
         assert path.read_text() == "old"  # readers see the previous file until the block ends
     assert path.read_text() == "new" and os.listdir(tmp_path) == ["model.bin"]
+
+
+# ---------------------------------------------------------------------- dataset kinds and classes
+def test_one_reader_table_and_one_class_check(tmp_path: Path, monkeypatch):
+    assert tuple(sorted(READERS)) == data.KINDS
+    assert {"mvtec", "synthetic", "contextual", "mnist", "cifar10"} <= set(READERS)
+    check_classes(None, ["a"], "src")  # None: every class
+    check_classes(["b", "a", "a"], ["a", "b"], "src")
+    with pytest.raises(DataError, match=r"^unknown class 'c' in src; available classes: a, b$"):
+        check_classes(["a", "c"], ["a", "b"], "src")
+    assert split_parts("all") == ("train", "test") and split_parts("test") == ("test",)
+    with pytest.raises(DataError, match="unknown split 'val'"):
+        split_parts("val")
+    monkeypatch.setenv("ANOMALENS_CACHE", str(tmp_path))
+    spec = "synthetic:defects?n=2&size=32"
+    with pytest.raises(DataError, match="unknown class 'nope' in synthetic:defects; available classes"):
+        data.load(spec, classes=["nope"])
+    dataset = data.load(spec)
+    with pytest.raises(DataError, match=f"unknown class 'nope' in {dataset.name}; available classes"):
+        data.sample_support(dataset, 1, 0, "nope")

@@ -21,13 +21,11 @@ from anomalens.data.fewshot import (
     sample_support_sets,
     shot_subset,
 )
-from anomalens.data.formats import READERS, SPLITS, dataset_name
+from anomalens.data.formats import READERS, dataset_name
 from anomalens.data.io import decode_record, read_image, read_mask
-from anomalens.data.types import DataError, Dataset, Record, Sample
+from anomalens.data.types import DataError, Dataset, Record, Sample, split_parts
 
-# Kinds whose readers live in other modules, imported only when used.
-_LAZY_KINDS = ("cifar10", "contextual", "mnist", "synthetic")
-KINDS = tuple(sorted((*READERS, *_LAZY_KINDS)))
+KINDS = tuple(sorted(READERS))
 
 __all__ = [
     "KINDS",
@@ -79,8 +77,7 @@ def load(spec: str, split: str = "test", classes: Sequence[str] | None = None) -
     unknown class, a missing mask, ...
     """
     kind, path, params = parse_spec(spec)
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    split_parts(split)  # refuses an unknown split before any file is read
     if isinstance(classes, str):
         classes = [classes]
     if kind != "synthetic":
@@ -89,14 +86,7 @@ def load(spec: str, split: str = "test", classes: Sequence[str] | None = None) -
         if not os.path.exists(path):
             raise DataError(f"dataset path not found: {path} ({kind})")
         path = os.path.abspath(path)
-    if kind in READERS:
-        return READERS[kind](path, split, classes, params)
-    dataset = _load_lazy(kind, path, split, classes, params)
-    missing = sorted(set(classes or ()) - set(dataset.class_names))
-    if missing:
-        raise DataError(
-            f"unknown class {missing[0]!r} in {spec}; available classes: {', '.join(dataset.class_names)}"
-        )
+    dataset = READERS[kind](path, split, list(classes) if classes is not None else None, params)
     if not len(dataset):
         raise DataError(f"no images in split '{split}' of {spec}")
     return dataset
@@ -134,23 +124,3 @@ def verify(dataset: Dataset) -> list[str]:
         except DataError as error:
             errors.append(str(error))
     return errors
-
-
-def _load_lazy(
-    kind: str, path: str, split: str, classes: Sequence[str] | None, params: dict[str, str]
-) -> Dataset:
-    classes = list(classes) if classes is not None else None
-    if kind == "synthetic":
-        from anomalens.data.synthetic import load_synthetic
-
-        return load_synthetic(path, params, split, classes)
-    if kind == "contextual":
-        unknown = sorted(set(params) - {"part"})
-        if unknown:
-            raise DataError(f"contextual:{path} takes only the option 'part', got {', '.join(unknown)}")
-        from anomalens.data.contextual import load_contextual
-
-        return load_contextual(path, split, classes, part=params.get("part"))
-    from anomalens.data.classic import load_cifar10, load_mnist
-
-    return (load_mnist if kind == "mnist" else load_cifar10)(path, split, classes, params)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anomalens.data.types import DataError, Dataset, Record, Sample
+from anomalens.data.types import DataError, Dataset, Record, Sample, check_classes, split_parts
 
 MNIST_CLASSES = tuple(str(d) for d in range(10))
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -47,7 +47,6 @@ MULTI_CLASS = {
     "cifar10": ("animal", ("bird", "cat", "deer", "dog", "frog", "horse")),
 }
 PROTOCOLS = ("one-vs-all", "multi-class")
-SPLITS = ("train", "test", "all")
 IDX_UBYTE = 0x08
 
 
@@ -60,7 +59,7 @@ def load_mnist(
     """`mnist:<root>[?protocol=one-vs-all|multi-class&normal=<digit>]` (see the module docstring)."""
     folder = _find_folder(Path(root), ("", "raw", "MNIST/raw"), MNIST_FILES["test"][0], "MNIST IDX files")
     parts = {}
-    for part in _parts(split):
+    for part in split_parts(split):
         images_file, labels_file = (_idx_path(folder, name) for name in MNIST_FILES[part])
         images, labels = read_idx(images_file), read_idx(labels_file)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -80,7 +79,7 @@ def load_cifar10(
     """`cifar10:<root>[?protocol=one-vs-all|multi-class&normal=<name>]` (see the module docstring)."""
     folder = _find_folder(Path(root), ("cifar-10-batches-py", ""), "test_batch", "CIFAR-10 python batches")
     parts = {}
-    for part in _parts(split):
+    for part in split_parts(split):
         parts[part] = []
         for name in CIFAR10_FILES[part]:
             images, labels = read_cifar_batch(folder / name)
@@ -234,19 +233,9 @@ def _tasks(
             )
         tasks = {c: (c,) for c in ([normal] if normal is not None else class_names)}
     if classes is not None:
-        unknown = [c for c in classes if c not in tasks]
-        if unknown:
-            raise DataError(
-                f"unknown class {unknown[0]!r} in {source}; available classes: {', '.join(tasks)}"
-            )
+        check_classes(classes, list(tasks), source)
         tasks = {c: normal for c, normal in tasks.items() if c in classes}
     return tasks
-
-
-def _parts(split: str) -> tuple[str, ...]:
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    return ("train", "test") if split == "all" else (split,)
 
 
 def _find_folder(root: Path, candidates: Sequence[str], marker: str, what: str) -> Path:

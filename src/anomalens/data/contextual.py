@@ -32,14 +32,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from anomalens.data.io import decode_record
-from anomalens.data.types import DataError, Dataset, Record
+from anomalens.data.types import DataError, Dataset, Record, check_classes, split_parts
 
 MANIFESTS = ("manifest.csv", "manifest.json")
 REQUIRED = ("image", "subject_mask", "class", "context", "label", "split")
 LABELS = {"0": 0, "1": 1, "normal": 0, "anomalous": 1}
 PARTS = ("SS", "CC")
 SETS = ("train", "test")
-SPLITS = ("train", "test", "all")
 
 
 def load_contextual(
@@ -89,15 +88,8 @@ def select_records(
     records: Sequence[Record], split: str, classes: Sequence[str] | None, source: str | os.PathLike
 ) -> list[Record]:
     """The records of a split ("train", "test" or "all") and of the given subject classes (None: all)."""
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    if classes is not None:
-        available = sorted({r.class_name for r in records})
-        unknown = [c for c in classes if c not in available]
-        if unknown:
-            raise DataError(
-                f"unknown class {unknown[0]!r} in {source}; available classes: {', '.join(available)}"
-            )
+    split_parts(split)  # refuses an unknown split
+    check_classes(classes, sorted({r.class_name for r in records}), str(source))
     selected = [
         r
         for r in records

@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from anomalens.data.types import DataError, Dataset
+from anomalens.data.types import DataError, Dataset, check_classes
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def sample_support(
     """
     if k < 1:
         raise DataError(f"k must be a positive number of support images, got {k}")
-    _check_class(dataset, class_name)
+    check_classes([class_name], dataset.class_names, dataset.name)
     excluded = set(exclude)
     candidates = [
         i
@@ -129,14 +129,6 @@ def normal_only(dataset: Dataset) -> Dataset:
     if not indices:
         raise DataError(f"{dataset.name} has no normal images")
     return dataset.subset(indices)
-
-
-def _check_class(dataset: Dataset, class_name: str) -> None:
-    if class_name not in dataset.class_names:
-        raise DataError(
-            f"unknown class {class_name!r} in {dataset.name}; "
-            f"available classes: {', '.join(dataset.class_names)}"
-        )
 
 
 def _ranked(dataset: Dataset, candidates: Sequence[int], seed: int) -> list[int]:

@@ -15,9 +15,8 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from anomalens.data.io import decode_record
-from anomalens.data.types import DataError, Dataset, Record
+from anomalens.data.types import DataError, Dataset, Record, check_classes, split_parts
 
-SPLITS = ("train", "test", "all")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Folder names that mean "normal" / "anomalous" in MVTec (good), BTAD (ok/ko) and generic folder layouts.
 NORMAL_DIRS = ("good", "normal", "ok")
@@ -274,14 +273,57 @@ def read_folder(
     return _dataset("folder", root, split, _in_split(rows, split), source)
 
 
+# Readers whose modules are imported only when used (generators, archives, manifests).
+def read_synthetic(
+    kind: str, split: str, classes: Sequence[str] | None, params: Mapping[str, str] | None
+) -> Dataset:
+    """`synthetic:<kind>[?n=..&size=..&seed=..]` (`data.synthetic.load_synthetic`)."""
+    from anomalens.data.synthetic import load_synthetic
+
+    return load_synthetic(kind, params, split, classes)
+
+
+def read_contextual(
+    root: str, split: str, classes: Sequence[str] | None, params: Mapping[str, str] | None
+) -> Dataset:
+    """`contextual:<dir>[?part=ss|cc]` (`data.contextual.load_contextual`)."""
+    from anomalens.data.contextual import load_contextual
+
+    params = _check_params(params, ("part",), f"contextual:{root}")
+    return load_contextual(root, split, classes, part=params.get("part"))
+
+
+def read_mnist(
+    root: str, split: str, classes: Sequence[str] | None, params: Mapping[str, str] | None
+) -> Dataset:
+    """`mnist:<root>[?protocol=..&normal=..]` (`data.classic.load_mnist`)."""
+    from anomalens.data.classic import load_mnist
+
+    return load_mnist(root, split, classes, params)
+
+
+def read_cifar10(
+    root: str, split: str, classes: Sequence[str] | None, params: Mapping[str, str] | None
+) -> Dataset:
+    """`cifar10:<root>[?protocol=..&normal=..]` (`data.classic.load_cifar10`)."""
+    from anomalens.data.classic import load_cifar10
+
+    return load_cifar10(root, split, classes, params)
+
+
+# The one table of dataset kinds: `data.load("<kind>:<path>")` calls READERS[kind].
 READERS: dict[str, Reader] = {
     "btad": read_btad,
+    "cifar10": read_cifar10,
+    "contextual": read_contextual,
     "folder": read_folder,
     "inctrl": read_inctrl,
     "jsonl": read_jsonl,
     "meta": read_meta,
+    "mnist": read_mnist,
     "mpdd": read_mpdd,
     "mvtec": read_mvtec,
+    "synthetic": read_synthetic,
     "visa": read_visa,
 }
 
@@ -310,7 +352,7 @@ def _read_mvtec_layout(
     for cls in _select(sorted(class_dirs), classes, source):
         cls_dir = class_dirs[cls]
         gt_root = os.path.join(cls_dir, GROUND_TRUTH_DIR)
-        for part in _parts(split):
+        for part in split_parts(split):
             split_dir = os.path.join(cls_dir, part)
             for defect in _subdirs(split_dir):
                 label = 0 if defect.lower() in NORMAL_DIRS else 1
@@ -424,24 +466,14 @@ def _dataset(kind: str, root: str, split: str, records: list[Record], source: st
 
 def _in_split(rows: Iterable[tuple[str | None, Record]], split: str) -> list[Record]:
     """Records of the requested split; a row whose split is None belongs to every split."""
-    parts = _parts(split)
+    parts = split_parts(split)
     return [r for part, r in rows if part is None or part in parts]
-
-
-def _parts(split: str) -> tuple[str, ...]:
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    return ("train", "test") if split == "all" else (split,)
 
 
 def _select(available: Sequence[str], classes: Sequence[str] | None, source: str) -> list[str]:
     """The requested classes (all when None), each checked to exist in `available`."""
-    if classes is None:
-        return list(available)
-    for cls in classes:
-        if cls not in available:
-            raise DataError(f"unknown class {cls!r} in {source}; available classes: {', '.join(available)}")
-    return list(dict.fromkeys(classes))
+    check_classes(classes, available, source)
+    return list(available) if classes is None else list(dict.fromkeys(classes))
 
 
 def _check_params(params: Mapping[str, str] | None, allowed: Sequence[str], source: str) -> dict[str, str]:

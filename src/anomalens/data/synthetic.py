@@ -39,12 +39,11 @@ from scipy import ndimage
 
 from anomalens.data.contextual import read_manifest, select_records, write_manifest
 from anomalens.data.io import decode_record
-from anomalens.data.types import DataError, Dataset, Record
+from anomalens.data.types import DataError, Dataset, Record, check_classes, split_parts
 
 CACHE_ENV = "ANOMALENS_CACHE"
 # Bump when rendering changes, so that caches written by older code are not reused.
 GENERATOR_VERSION = 2
-SPLITS = ("train", "test", "all")
 
 # Generation parameters (they select the cache folder) and their defaults, per kind.
 DEFAULTS: dict[str, dict[str, int]] = {
@@ -521,13 +520,13 @@ def load_synthetic(
     if test not in TEST_PARTS:
         raise DataError(f"{source}: parameter test must be one of {', '.join(TEST_PARTS)}, got {test!r}")
     generation = _parse_params(source, DEFAULTS[kind], params)
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    split_parts(split)  # refuses an unknown split
     folder = _ensure_cache(kind, generation)
     if kind in ("defects", "transfer"):
         records = [r for r in _defect_records(folder) if split == "all" or dict(r.meta)["set"] == split]
         available = DEFECT_CLASSES if kind == "defects" else _transfer_classes()
-        records = _select_classes(records, available, classes, source)
+        check_classes(classes, available, source)
+        records = [r for r in records if classes is None or r.class_name in classes]
     else:
         records = select_records(read_manifest(folder), split, classes, source)
         records = [
@@ -553,19 +552,6 @@ def _parse_params(source: str, defaults: Mapping[str, int], params: Mapping[str,
         if not lo <= parsed[name] <= hi:
             raise DataError(f"{source}: parameter {name} must be in [{lo}, {hi}], got {value!r}")
     return parsed
-
-
-def _select_classes(
-    records: list[Record], available: Sequence[str], classes: Sequence[str] | None, source: str
-) -> list[Record]:
-    if classes is None:
-        return records
-    unknown = [c for c in classes if c not in available]
-    if unknown:
-        raise DataError(
-            f"unknown class {unknown[0]!r} in {source}; available classes: {', '.join(available)}"
-        )
-    return [r for r in records if r.class_name in classes]
 
 
 def _ensure_cache(kind: str, params: Mapping[str, int]) -> Path:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+SPLITS = ("train", "test", "all")
+
 
 class DataError(ValueError):
     """A dataset, image or mask that cannot be used as given; the message is one line naming the file.
@@ -81,3 +83,19 @@ class Dataset:
     def __repr__(self) -> str:
         n_anom = int(self.labels.sum()) if self.records else 0
         return f"Dataset({self.name!r}, {len(self)} images, {n_anom} anomalous, classes={self.class_names})"
+
+
+def split_parts(split: str) -> tuple[str, ...]:
+    """The stored parts a split reads: ("train",), ("test",) or both for "all"; other names are an error."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    return ("train", "test") if split == "all" else (split,)
+
+
+def check_classes(classes: Sequence[str] | None, available: Sequence[str], source: str) -> None:
+    """Every requested class (None: all) must exist; the error names ``source`` and the available ones."""
+    unknown = [c for c in classes or () if c not in available]
+    if unknown:
+        raise DataError(
+            f"unknown class {unknown[0]!r} in {source}; available classes: {', '.join(available)}"
+        )
