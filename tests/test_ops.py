@@ -56,6 +56,21 @@ def test_gaussian_blur_radius_and_truncate_equal_scipy():
     np.testing.assert_allclose(ops.gaussian_blur(maps, 2.0, truncate=2.5).numpy(), expected, atol=1e-5)
 
 
+def test_blur_matrix_by_hand():
+    # n = 2, radius 1, taps [a, b, a]; "reflect" pads x0 x1 as x0 | x0 x1 | x1: y0 = (a+b)x0 + a x1.
+    k = ops.gaussian_kernel1d(1.0, 1)
+    a, b = float(k[0]), float(k[1])
+    expected = torch.tensor([[a + b, a], [a, a + b]], dtype=torch.float64)
+    torch.testing.assert_close(ops.blur_matrix(2, 1.0, 1, "reflect"), expected)
+    # "mirror" pads as x1 | x0 x1 | x0: y0 = b x0 + 2a x1.
+    torch.testing.assert_close(
+        ops.blur_matrix(2, 1.0, 1, "mirror"), torch.tensor([[b, 2 * a], [2 * a, b]]).double()
+    )
+    assert torch.allclose(
+        ops.blur_matrix(9, 2.0, 8, "reflect").sum(dim=0), torch.ones(9, dtype=torch.float64)
+    )
+
+
 def test_gaussian_blur_leading_dims_and_identity():
     maps = _rand(2, 3, 8, 8, seed=2)
     blurred = ops.gaussian_blur(maps, 1.0)

@@ -13,8 +13,9 @@ reference (scipy, brute force, hand-computed values) in ``tests/test_ops.py``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import torch.nn.functional as F
 
 from anomalens.losses import full_precision
 
@@ -62,6 +63,20 @@ def border_indices(n: int, radius: int, border: str, device: torch.device | None
     raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
 
 
+@functools.lru_cache(maxsize=32)
+def blur_matrix(n: int, sigma: float, radius: int, border: str) -> torch.Tensor:
+    """The 1-D Gaussian filter of a length-``n`` axis as an (n, n) float64 matrix M, borders included:
+    the filtered axis is ``x @ M`` (M[s, o] = Σ of the kernel taps of output o that read sample s).
+    Cached: treat it as read-only."""
+    kernel = gaussian_kernel1d(sigma, radius)  # (2r+1,)
+    src = border_indices(n, radius, border).unfold(0, 2 * radius + 1, 1)  # (n, 2r+1): sample of tap j of o
+    dst = torch.arange(n)[:, None].expand_as(src)
+    m = torch.zeros(n, n, dtype=torch.float64)
+    return m.index_put_(
+        (src.reshape(-1), dst.reshape(-1)), kernel.expand_as(src).reshape(-1), accumulate=True
+    )
+
+
 def gaussian_blur(
     maps: torch.Tensor,
     sigma: float,
@@ -70,7 +85,8 @@ def gaussian_blur(
     border: str = "reflect",
 ) -> torch.Tensor:
     """``scipy.ndimage.gaussian_filter(m, sigma, mode=border, truncate=truncate, radius=radius)`` of
-    every (H, W) map, as two 1-D convolutions on the maps' device.
+    every (H, W) map, on the maps' device: two matrix products with the filter matrices of the axes
+    (`blur_matrix`), which BLAS and GPUs run faster than a one-channel convolution.
 
     The defaults are scipy's (border "reflect", radius ``int(truncate·σ + 0.5)``). kornia's
     ``gaussian_blur2d(x, (k, k), (σ, σ))`` with its default border is ``radius=k // 2, border="mirror"``.
@@ -85,13 +101,11 @@ def gaussian_blur(
     r = int(truncate * sigma + 0.5) if radius is None else radius
     if sigma <= 0 or r == 0:
         return maps
-    kernel = gaussian_kernel1d(sigma, r).to(maps.device, maps.dtype).view(1, 1, -1)  # (1, 1, 2r+1)
-    out = maps.reshape(-1, *maps.shape[-2:])  # (B, H, W)
-    for _ in range(2):  # the last axis, then (after the transpose) the other one
-        b, h, w = out.shape
-        padded = out.index_select(-1, border_indices(w, r, border, out.device))  # (B, h, w + 2r)
-        out = F.conv1d(padded.reshape(b * h, 1, -1), kernel).view(b, h, w).transpose(1, 2)
-    return out.contiguous().reshape(maps.shape)
+    h, w = maps.shape[-2:]
+    along_w = blur_matrix(w, float(sigma), r, border).to(maps.device, maps.dtype)  # (W, W)
+    along_h = blur_matrix(h, float(sigma), r, border).to(maps.device, maps.dtype)  # (H, H)
+    out = maps @ along_w  # (..., H, W)
+    return (out.transpose(-1, -2) @ along_h).transpose(-1, -2).contiguous()
 
 
 # ---------------------------------------------------------------------- nearest neighbours
