@@ -14,6 +14,7 @@ reference (scipy, brute force, hand-computed values) in ``tests/test_ops.py``.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 
@@ -149,7 +150,12 @@ def _min_distance(q: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     return d2.amin(dim=-1).clamp_min(0.0).sqrt()
 
 
-def _nearest(queries: torch.Tensor, bank: torch.Tensor, chunk_elements: int, reduce) -> torch.Tensor:
+def _nearest(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    chunk_elements: int,
+    reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
     """Apply ``reduce((G, c, D) queries, (G, R, D) bank) → (G, c)`` to chunks of c query rows."""
     *lead, q_rows, d = queries.shape
     if bank.ndim == 2:  # one bank for every query: all query rows form one group
