@@ -95,7 +95,7 @@ def test_similarity_heads_and_losses_stay_fp32_under_autocast():
     """Training with amp=True: cosines × 100 and the losses are computed in float32 (CPU bf16 autocast
     stands in for CUDA's here)."""
     from anomalens.methods.core_clip import compatibility
-    from anomalens.methods.inctrl import anomaly_probability
+    from anomalens.ops import anchor_probability
 
     g = torch.Generator().manual_seed(0)
     features = F.normalize(torch.randn(2, 3, 16, generator=g), dim=-1)
@@ -104,7 +104,7 @@ def test_similarity_heads_and_losses_stay_fp32_under_autocast():
     masks = (torch.rand(2, 4, 4, generator=g) > 0.5).float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cos = compatibility(features, text)
-        prob = anomaly_probability(features[:, 0], text, 100.0)
+        prob = anchor_probability(features[:, 0], text, 100.0)
         focal = focal_loss(probs.bfloat16(), masks)
         dice = dice_loss(probs[:, 1].bfloat16(), masks)
     assert {t.dtype for t in (cos, prob, focal, dice)} == {torch.float32}
