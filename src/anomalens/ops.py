@@ -168,9 +168,10 @@ def _nearest(
         raise ValueError(f"bank of shape {tuple(bank.shape)} does not match queries {tuple(queries.shape)}")
     if bank.shape[-1] != d:
         raise ValueError(f"bank rows have {bank.shape[-1]} dims, queries {d}")
+    if torch.compiler.is_exporting():  # a symbolic batch: all queries against the bank at once
+        return reduce(q, groups).reshape(*lead, q_rows)
     g, rows, r = q.shape[0], q.shape[1], groups.shape[1]
-    # An exported graph has a symbolic batch, so it compares all queries with the bank at once.
-    chunk = rows if torch.compiler.is_exporting() else max(1, chunk_elements // max(1, g * r))
+    chunk = max(1, chunk_elements // max(1, g * r))
     out = torch.cat([reduce(q[:, s : s + chunk], groups) for s in range(0, rows, chunk)], dim=1)  # (G, M)
     return out.reshape(*lead, q_rows)
 
