@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import anomalens as al
-from anomalens.data.formats import SPLITS
+from anomalens.data.types import SPLITS
 from anomalens.engine import resolve_configs
 from anomalens.methods.base import method_class, read_checkpoint
 from anomalens.recipes import RECIPE_NAMES, RECIPES, recipe
