@@ -346,9 +346,9 @@ def test_train_shots_follow_the_method_and_amp_is_opt_in(capsys, mvtec_root, tmp
 
 
 def test_demo_trains_evaluates_and_reports_honestly(capsys, tmp_path, monkeypatch):
-    from anomalens import cli
+    from anomalens import demo
 
-    monkeypatch.setitem(cli.DEMO_SETTINGS, "april-gan", ({"image_size": 32}, {"epochs": 1}))
+    monkeypatch.setitem(demo.DEMO_SETTINGS, "april-gan", ({"image_size": 32}, {"epochs": 1}))
     out_dir = tmp_path / "demo"
     argv = ["demo", "--method", "april-gan", "--n", "2", "--size", "32", "--classes", "disc,tile"]
     argv += ["--out", str(out_dir)]

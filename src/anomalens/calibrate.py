@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from anomalens.data.types import Dataset
+from anomalens.inference import predict_batches
 from anomalens.methods.base import ImageLike, Method
 
 
@@ -93,17 +94,8 @@ def calibrate(
         if len(data) == 0:
             raise ValueError(f"dataset {data.name!r} is empty")
         labels = data.labels
-        scores = np.concatenate(
-            [
-                method.predict(
-                    [s.image for s in batch],
-                    [s.class_name for s in batch],
-                    support=support,
-                    batch_size=batch_size,
-                ).scores
-                for batch in _batches(data, batch_size)
-            ]
-        )
+        batches = predict_batches(method, data, support=support, batch_size=batch_size)
+        scores = np.concatenate([prediction.scores for _, prediction in batches])
     if rule == "auto":
         rule = "f1" if labels.any() else "percentile"
     n_anomalous = int(labels.sum())
@@ -123,11 +115,6 @@ def calibrate(
         )
     method.threshold = result.threshold
     return result
-
-
-def _batches(data: Dataset, batch_size: int):
-    for start in range(0, len(data), batch_size):
-        yield [data[i] for i in range(start, min(start + batch_size, len(data)))]
 
 
 def _finite_scores(scores: Sequence[float] | np.ndarray) -> np.ndarray:

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from anomalens import data as al_data
 from anomalens.data.types import Dataset
-from anomalens.methods.base import DEFAULT, Method, Prediction, resolve_device
+from anomalens.inference import predict_dataset
+from anomalens.methods.base import DEFAULT, Method, resolve_device
 from anomalens.viz import atomic_write
 
 EVAL_RESOLUTIONS = ("input", "model")
@@ -125,7 +126,9 @@ def evaluate_method(
                 support = [support_source[i].image for i in idx]
             indices = [i for i, r in enumerate(dataset.records) if r.class_name == cls]
             start = time.perf_counter()
-            prediction, masks = _predict_class(method, dataset, indices, cls, support, batch_size, bar)
+            prediction, masks = predict_dataset(
+                method, dataset.subset(indices), support=support, batch_size=batch_size, on_batch=bar.update
+            )
             scores = np.asarray(method.set_scores(prediction, [cls] * len(indices)), dtype=np.float64)
             seconds += time.perf_counter() - start
             n_images += len(indices)
@@ -327,28 +330,6 @@ def bench_table(results: dict) -> str:
 
 
 # ---------------------------------------------------------------------- helpers
-def _predict_class(
-    method: Method,
-    dataset: Dataset,
-    indices: Sequence[int],
-    class_name: str,
-    support: list[np.ndarray] | None,
-    batch_size: int,
-    bar: tqdm,
-) -> tuple[Prediction, list[np.ndarray | None]]:
-    """Predictions for the images `indices` of one class, and their masks (None for normal images)."""
-    parts, masks = [], []
-    step = len(indices) if method.set_level else batch_size  # a set-level method scores the class at once
-    for start in range(0, len(indices), step):
-        samples = [dataset[i] for i in indices[start : start + step]]
-        parts.append(
-            method.predict([s.image for s in samples], class_name, support=support, batch_size=batch_size)
-        )
-        masks.extend(s.mask for s in samples)
-        bar.update(len(samples))
-    return Prediction.concat(parts), masks
-
-
 def _to_model_resolution(
     method: Method, maps: list[np.ndarray], masks: list[np.ndarray | None]
 ) -> tuple[list[np.ndarray], list[np.ndarray | None]]:

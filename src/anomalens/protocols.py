@@ -11,14 +11,16 @@ Training is not part of a protocol: train first (`anomalens train`), then evalua
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from anomalens.data.types import Dataset
-from anomalens.evaluation import evaluate_method, mean_over_classes, timing
-from anomalens.methods.base import Method
+if TYPE_CHECKING:
+    from anomalens.data.types import Dataset
+    from anomalens.methods.base import Method
 
 PROTOCOLS = ("zero-shot", "fewshot", "generalist")
 GENERALIST_SHOTS = (1, 2, 4)
@@ -26,7 +28,7 @@ GENERALIST_SEEDS = 3
 
 
 def run_protocol(
-    protocol: str,
+    protocol: str | None,
     method: Method,
     dataset_or_specs: str | Dataset | Sequence[str | Dataset],
     *,
@@ -37,9 +39,15 @@ def run_protocol(
 ) -> dict:
     """Run a named protocol and return one results document (DESIGN §3.4).
 
-    shots: K values ("fewshot" takes exactly one); seeds: number of support draws, seeded
+    protocol: None = "zero-shot" without `shots`, "fewshot" for one K and at most one seed, else
+    "generalist". shots: K values ("fewshot" takes exactly one); seeds: number of support draws, seeded
     `support_seed`, `support_seed + 1`, ... ("generalist" only); eval_options go to `evaluate_method`.
     """
+    from anomalens.evaluation import evaluate_method
+
+    if protocol is None:
+        one_draw = len(shots or []) == 1 and seeds in (None, 1)
+        protocol = "zero-shot" if not shots else "fewshot" if one_draw else "generalist"
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; available: {', '.join(PROTOCOLS)}")
     shots = list(shots or [])
@@ -77,9 +85,42 @@ def run_protocol(
     return average_runs(runs, shots, draws)
 
 
+def run_eval(
+    method: Method,
+    dataset_or_specs: str | Dataset | Sequence[str | Dataset],
+    out: str | os.PathLike,
+    *,
+    protocol: str | None = None,
+    report: bool = False,
+    **options: Any,
+) -> dict:
+    """`run_protocol`, then ``results.json`` and ``results.md`` in `out` and, with `report`,
+    ``report.html``: heatmaps of the best and worst cases of each class (of the first K and draw)."""
+    from anomalens.evaluation import ClassResult, write_results
+    from anomalens.viz import ClassReport, class_report, html_report
+
+    collected: dict[tuple[str, str], ClassReport] = {}
+
+    def collect(r: ClassResult) -> None:  # the report shows the first run of each class (first K, draw)
+        if (r.dataset_name, r.class_name) not in collected:
+            collected[(r.dataset_name, r.class_name)] = class_report(r, threshold=method.threshold)
+
+    on_class = collect if report else None
+    results = run_protocol(protocol, method, dataset_or_specs, on_class=on_class, **options)
+    write_results(results, out)
+    if report:
+        title = f"anomalens eval: {method.name}, {results['protocol']}"
+        if results["protocol"] == "generalist":
+            title += f" (images of the first run: K={results['shots'][0]}, seed {results['seeds'][0]})"
+        html_report(list(collected.values()), Path(out) / "report.html", title=title)
+    return results
+
+
 def average_runs(runs: dict[tuple[int, int], dict], shots: Sequence[int], seeds: Sequence[int]) -> dict:
     """Combine {(K, seed): results} into one document: per K and dataset, metrics averaged over seeds
     (per class, and the class mean), with the standard deviation over seeds of the class mean."""
+    from anomalens.evaluation import mean_over_classes, timing
+
     first = runs[(shots[0], seeds[0])]
     combined: dict[str, Any] = {
         **{

@@ -4,10 +4,15 @@ Each module ``converters/<source>.py`` exposes ``convert(path, **build_options) 
 official file (``torch.load(..., weights_only=True)``), builds our method and loads the mapped tensors.
 """
 
+from __future__ import annotations
+
 import importlib
+from typing import TYPE_CHECKING
 
-from anomalens.methods.base import Method
+if TYPE_CHECKING:
+    from anomalens.methods.base import Method
 
+# Official source (the `anomalens convert --from` choices) -> converter module.
 SOURCES = {"aa-clip": "aa_clip", "crane": "crane", "inctrl": "inctrl"}
 
 

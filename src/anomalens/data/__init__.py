@@ -23,7 +23,7 @@ from anomalens.data.fewshot import (
 )
 from anomalens.data.formats import READERS, dataset_name
 from anomalens.data.io import decode_record, read_image, read_mask
-from anomalens.data.types import DataError, Dataset, Record, Sample, split_parts
+from anomalens.data.types import DataError, Dataset, Record, Sample, concat_datasets, split_parts
 
 KINDS = tuple(sorted(READERS))
 
@@ -35,6 +35,7 @@ __all__ = [
     "Sample",
     "SupportSet",
     "balanced_subset",
+    "concat_datasets",
     "dataset_name",
     "decode_record",
     "describe",

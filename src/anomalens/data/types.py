@@ -99,3 +99,19 @@ def check_classes(classes: Sequence[str] | None, available: Sequence[str], sourc
         raise DataError(
             f"unknown class {unknown[0]!r} in {source}; available classes: {', '.join(available)}"
         )
+
+
+def concat_datasets(datasets: Sequence[Dataset]) -> Dataset:
+    """One `Dataset` over several, named "a+b" (each sample is decoded by the dataset it came from)."""
+    if len(datasets) == 1:
+        return datasets[0]
+    owner = {}
+    for d in datasets:
+        for i, record in enumerate(d.records):
+            owner.setdefault(record, (d, i))
+
+    def load(record: Record) -> Sample:
+        d, i = owner[record]
+        return d[i]
+
+    return Dataset("+".join(d.name for d in datasets), [r for d in datasets for r in d.records], load)

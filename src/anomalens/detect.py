@@ -1,0 +1,145 @@
+"""Score image files with a model: ``scores.csv`` with a verdict per image, and heatmap overlays.
+
+What `anomalens detect` runs; works on single files, folders and glob patterns, with no dataset layout.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from anomalens.data.types import Dataset, Record, Sample
+
+if TYPE_CHECKING:
+    from anomalens.methods.base import Method
+
+
+@dataclass
+class Detection:
+    """What `detect` wrote: one (path, score, verdict or None) row per scored image, and failures."""
+
+    csv_path: Path
+    rows: list[tuple[str, float, str | None]] = field(default_factory=list)
+    heatmaps: list[Path] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[str]:
+    """Image files named by `inputs`: files, folders (searched recursively) and glob patterns.
+
+    Folders and patterns yield files with an image suffix, skipping hidden ones (e.g. macOS "._x.png").
+    """
+    from anomalens.data.formats import IMAGE_SUFFIXES
+
+    def images(paths: Sequence[str]) -> list[str]:
+        return sorted(
+            p
+            for p in paths
+            if p.lower().endswith(IMAGE_SUFFIXES)
+            and not os.path.basename(p).startswith(".")
+            and os.path.isfile(p)
+        )
+
+    files: dict[str, None] = {}  # ordered, without duplicates
+    for item in inputs:
+        if os.path.isdir(item):
+            found = images([str(p) for p in Path(item).rglob("*")])
+        elif os.path.isfile(item):
+            found = [item]
+        else:
+            found = images(glob.glob(item, recursive=True))
+        if not found:
+            raise FileNotFoundError(f"no image found for {item!r}")
+        files.update(dict.fromkeys(found))
+    return list(files)
+
+
+def image_files(paths: Sequence[str], class_name: str | None = None) -> Dataset:
+    """Unlabelled images as a `Dataset` (label 0, no mask, class `class_name` or "object"); an image is
+    decoded on access, and one that cannot be read raises `DataError` naming it."""
+    from anomalens.data.io import read_image
+
+    def load(record: Record) -> Sample:
+        return Sample(read_image(record.path), None, 0, record.class_name, record.path)
+
+    return Dataset("images", [Record(p, 0, class_name or "object") for p in paths], load)
+
+
+def detect(
+    model: Method,
+    inputs: Sequence[str],
+    out: str | os.PathLike,
+    *,
+    class_name: str | None = None,
+    support: Sequence[str] | None = None,
+    threshold: float | None = None,
+    batch_size: int = 16,
+    heatmaps: bool = True,
+    alpha: float = 0.5,
+    progress: bool = True,
+) -> Detection:
+    """Score image files (files, folders, globs) with `model`; write `scores.csv` (path, score[, verdict])
+    and, with `heatmaps`, an overlay PNG per image into `out/heatmaps`.
+
+    threshold: verdicts use ``score > threshold``; default the model's calibrated `threshold` (none:
+    no verdict column). Unreadable images are reported in `failures` and skipped.
+    Heatmap colours span [0, 1] when a map lies in it (probability-like maps), else the map's own range.
+    """
+    from tqdm.auto import tqdm
+
+    from anomalens.files import atomic_write
+    from anomalens.inference import predict_batches
+    from anomalens.viz import overlay, save_png
+
+    files = expand_inputs(inputs)
+    support_files = expand_inputs(support) if support else None
+    if model.needs_support and not support_files:
+        raise ValueError(
+            f"method {model.name!r} is few-shot: pass --support with K normal images of the class"
+        )
+    threshold = model.threshold if threshold is None else threshold
+    if class_name is None:  # an ONNX export defaults to its first exported class, a method to "object"
+        class_name = next(iter(getattr(model, "class_names", None) or ["object"]))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = Detection(out / "scores.csv")
+    names: set[str] = set()
+    with tqdm(total=len(files), desc="detect", unit="img", disable=not progress, leave=False) as bar:
+        for samples, pred in predict_batches(
+            model,
+            image_files(files, class_name),
+            support=support_files,
+            batch_size=batch_size,
+            errors=result.failures,
+            on_batch=bar.update,
+        ):
+            for sample, score, amap in zip(samples, pred.scores, pred.maps, strict=True):
+                verdict = None if threshold is None else ("anomalous" if score > threshold else "normal")
+                result.rows.append((sample.path, float(score), verdict))
+                if heatmaps:
+                    in_unit = float(amap.min()) >= 0.0 and float(amap.max()) <= 1.0
+                    vmin, vmax = (0.0, 1.0) if in_unit else (None, None)
+                    name = _unique_stem(Path(sample.path).stem, names)
+                    png = overlay(sample.image, amap, alpha, vmin, vmax)
+                    result.heatmaps.append(save_png(png, out / "heatmaps" / f"{name}.png"))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "score"] + ([] if threshold is None else ["verdict"]))
+    for path, score, verdict in result.rows:
+        writer.writerow([path, f"{score:.6g}"] + ([] if verdict is None else [verdict]))
+    atomic_write(result.csv_path, buffer.getvalue())
+    return result
+
+
+def _unique_stem(stem: str, taken: set[str]) -> str:
+    name, n = stem, 2
+    while name in taken:
+        name, n = f"{stem}-{n}", n + 1
+    taken.add(name)
+    return name
