@@ -274,6 +274,8 @@ def test_bench_writes_json_and_markdown(capsys, tmp_path):
         "2",
         "--warmup",
         "1",
+        "--probe-size",
+        "256",
         "--out",
         str(tmp_path),
     ]
@@ -284,6 +286,10 @@ def test_bench_writes_json_and_markdown(capsys, tmp_path):
     for row in results["rows"]:
         assert row["method"] == "winclip" and row["images_per_s"] > 0
         assert 0 < row["latency_ms_p50"] <= row["latency_ms_p95"] and row["peak_memory_mb"] > 0
+        assert row["gflop_per_image"] > 0 and row["matmul_gflops"] > 0
+        assert row["matmul_ratio"] == pytest.approx(row["achieved_gflops"] / row["matmul_gflops"], rel=0.01)
+    # FLOPs per image do not depend on the batch size (WinCLIP is batch-invariant).
+    assert results["rows"][0]["gflop_per_image"] == pytest.approx(results["rows"][1]["gflop_per_image"])
     assert "| winclip | test-tiny | 2 |" in out and (tmp_path / "bench.md").read_text() in out
 
 

@@ -121,7 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from anomalens.evaluation import bench_table, benchmark
+    from anomalens.bench import bench_table, benchmark
     from anomalens.methods.base import list_methods
     from anomalens.viz import atomic_write
 
@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/eval")
     p.add_argument("--batch-size", type=int, default=16)
 
-    p = command("bench", cmd_bench, "throughput, latency p50/p95 and peak memory on synthetic images")
+    p = command("bench", cmd_bench, "throughput, latency, memory, FLOPs and the ratio to matmul throughput")
     p.add_argument("--methods", type=_names, help="comma-separated methods (default all)")
     p.add_argument("--backbone", help="backbone for every method (default each method's)")
     p.add_argument("--pretrained", type=_pretrained, default="default", help="'none' = random weights")
@@ -320,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=10, help="timed batches per configuration")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--shots", type=int, default=1, help="support images for few-shot methods")
+    p.add_argument("--probe-size", type=int, default=2048, help="side of the matmul-throughput probe")
     p.add_argument("--out", default="runs/bench")
 
     p = command("demo", cmd_demo, "offline end-to-end demo on synthetic data (CPU, a few minutes)")

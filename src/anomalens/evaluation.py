@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from anomalens import data as al_data
 from anomalens.data.types import Dataset
 from anomalens.inference import predict_dataset
-from anomalens.methods.base import DEFAULT, Method, resolve_device
+from anomalens.methods.base import Method
 from anomalens.viz import atomic_write
 
 EVAL_RESOLUTIONS = ("input", "model")
@@ -225,108 +225,6 @@ def write_results(results: dict, out_dir: str | os.PathLike) -> Path:
     path = atomic_write(out / "results.json", text + "\n")
     atomic_write(out / "results.md", markdown_table(results))
     return path
-
-
-def benchmark(
-    methods: Sequence[str],
-    *,
-    backbone: str | None = None,
-    pretrained: str | None = DEFAULT,
-    batch_sizes: Sequence[int] = (1, 8),
-    image_size: int = 512,
-    device: str = "auto",
-    iters: int = 10,
-    warmup: int = 2,
-    shots: int = 1,
-    seed: int = 0,
-    progress: bool = True,
-    options: dict[str, Any] | None = None,
-) -> dict:
-    """Inference speed of `Method.predict` on random uint8 images of `image_size`² (preprocessing
-    included): images/s, latency per batch p50/p95 (ms) and peak memory per method × batch size.
-    `options` are given to every method's `create` (e.g. {"image_size": 336}).
-
-    Peak memory is the CUDA allocator's peak on GPU; on CPU it is the process's peak resident set size
-    so far (monotonic over the run, so later rows include earlier ones).
-    """
-    import resource
-
-    import torch
-
-    from anomalens.backbones.registry import TINY_BACKBONES
-    from anomalens.methods import create
-    from anomalens.methods.base import method_class
-
-    rng = np.random.default_rng(seed)
-    rows = []
-    for name in methods:
-        # A tiny test backbone stands for the tiny backbone of each method's family (CLIP or DINO).
-        tiny = backbone in TINY_BACKBONES.values()
-        own = TINY_BACKBONES[method_class(name).backbone_kind] if tiny else backbone
-        model = create(name, backbone=own, pretrained=pretrained, device=device, **(options or {}))
-        support = list(rng.integers(0, 256, (shots, image_size, image_size, 3), dtype=np.uint8))
-        support = support if model.needs_support else None
-        cuda = model.device.type == "cuda"
-        for bs in tqdm(batch_sizes, desc=f"bench {name}", disable=not progress, leave=False):
-            if model.set_level and bs < 2:
-                continue  # a set-level method scores images against each other: no set of one
-            images = rng.integers(0, 256, (bs, image_size, image_size, 3), dtype=np.uint8)
-            for _ in range(warmup):
-                model.predict(images, "object", support=support, batch_size=bs)
-            if cuda:
-                torch.cuda.synchronize(model.device)
-                torch.cuda.reset_peak_memory_stats(model.device)
-            latencies = []
-            for _ in range(iters):
-                start = time.perf_counter()
-                model.predict(images, "object", support=support, batch_size=bs)
-                if cuda:
-                    torch.cuda.synchronize(model.device)
-                latencies.append(time.perf_counter() - start)
-            peak = (
-                torch.cuda.max_memory_allocated(model.device) / 2**20
-                if cuda
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            )
-            rows.append(
-                {
-                    "method": name,
-                    "backbone": model.backbone.name,
-                    "batch_size": bs,
-                    "images_per_s": round(bs * iters / sum(latencies), 3),
-                    "latency_ms_p50": round(1000 * float(np.percentile(latencies, 50)), 3),
-                    "latency_ms_p95": round(1000 * float(np.percentile(latencies, 95)), 3),
-                    "peak_memory_mb": round(peak, 1),
-                }
-            )
-        del model
-    return {
-        "device": str(resolve_device(device)),
-        "image_size": image_size,
-        "iters": iters,
-        "warmup": warmup,
-        "pretrained": pretrained,
-        "options": options or {},
-        "torch": torch.__version__,
-        "rows": rows,
-    }
-
-
-def bench_table(results: dict) -> str:
-    """Markdown table of `benchmark` results."""
-    lines = [
-        f"**anomalens bench** · {results['device']} · {results['image_size']}² inputs · "
-        f"{results['iters']} timed batches",
-        "",
-        "| method | backbone | batch | images/s | p50 ms | p95 ms | peak MiB |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in results["rows"]:
-        lines.append(
-            f"| {r['method']} | {r['backbone']} | {r['batch_size']} | {r['images_per_s']:.1f} | "
-            f"{r['latency_ms_p50']:.1f} | {r['latency_ms_p95']:.1f} | {r['peak_memory_mb']:.0f} |"
-        )
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------- helpers
