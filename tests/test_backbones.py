@@ -106,6 +106,24 @@ def test_parity_with_open_clip_tiny(bb, images, tokens):
     torch.testing.assert_close(bb.encode_text(tokens).norm(dim=-1), torch.ones(3))
 
 
+def test_cls_only_last_block_gives_the_same_cls_and_branch(bb, images):
+    eattn = EAttnSpec(start=2, taps=(3, 4))
+    full = bb.encode_image(images, layers=(2,), eattn=eattn, values_at={4: "input"})
+    part = bb.encode_image(images, layers=(2,), eattn=eattn, values_at={4: "input"}, cls_only=True)
+    assert part.final.shape == (3, 1, bb.width)
+    torch.testing.assert_close(part.final, full.final[:, :1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(part.cls, full.cls, atol=ATOL, rtol=0)
+    for got, want in [(part.tokens, full.tokens), (part.branch, full.branch), (part.values, full.values)]:
+        assert got.keys() == want.keys()
+        for i in want:
+            torch.testing.assert_close(got[i], want[i], atol=ATOL, rtol=0)
+    plain = bb.encode_image(images, cls_only=True).cls
+    torch.testing.assert_close(plain, bb.model.encode_image(images), atol=ATOL, rtol=0)
+    for clash in ({"layers": (bb.depth,)}, {"values_at": {bb.depth: "mid"}}, {"attention": {bb.depth: "vv"}}):
+        with pytest.raises(ValueError, match="cls_only"):
+            bb.encode_image(images, cls_only=True, **clash)
+
+
 def test_post_norm_and_token_embeddings(bb, images, tokens):
     out = bb.encode_image(images)
     cls = bb.post_norm(out.final[:, 0]) @ bb.model.visual.proj
@@ -755,3 +773,32 @@ def test_cosine_similarity_matrix():
     s = attention.cosine_similarity_matrix(f)
     r = 1 / math.sqrt(2)
     torch.testing.assert_close(s, torch.tensor([[[1.0, r, 0.0], [r, 1.0, r], [0.0, r, 1.0]]]))
+
+
+# ---------------------------------------------------------------- inference precision
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_reduced_precision_image_tower_stays_close_and_returns_float32(precision, images):
+    bb = load_clip("test-tiny", None, image_size=S)
+    with torch.no_grad():
+        ref = bb.encode_image(images, layers=(2,), values_at={3: "mid"})
+        out = bb.set_precision(precision).encode_image(images, layers=(2,), values_at={3: "mid"})
+        windows = bb.encode_windows(images, torch.arange(4)[None])
+    if precision == "int8":
+        assert isinstance(bb.int8_blocks[0].qkv, torch.ao.nn.quantized.dynamic.Linear)
+    for got, want in [(out.cls, ref.cls), (out.final, ref.final), (out.tokens[2], ref.tokens[2])]:
+        assert got.dtype == torch.float32
+        # About 1 % here (half-precision matmuls / int8 weights and activations); 5 % bounds it.
+        assert float(((got - want).norm(dim=-1) / want.norm(dim=-1)).max()) < 0.05
+    assert out.values[3].dtype == windows.dtype == torch.float32
+    with torch.no_grad():  # back to fp32: the float code path again
+        torch.testing.assert_close(bb.set_precision("fp32").encode_image(images).cls, ref.cls)
+
+
+def test_precision_errors(bb):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        bb.set_precision("int4")
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        bb.set_precision("fp16")
+    assert bb.precision == "fp32"

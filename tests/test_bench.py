@@ -18,3 +18,13 @@ def test_count_flops_of_a_linear_layer_and_cpu_fused_attention():
 
 def test_matmul_probe_reports_a_positive_throughput():
     assert matmul_gflops("cpu", size=64, repeats=2) > 0
+
+
+def test_count_flops_of_an_int8_linear_layer():
+    from anomalens.backbones import load_clip
+    from anomalens.backbones.clip import _int8_block
+
+    block = load_clip("test-tiny", None).model.visual.transformer.resblocks[0]
+    twin = _int8_block(block)
+    x = torch.randn(2, 5, block.attn.embed_dim)
+    assert count_flops(twin.qkv, x) == 2 * 2 * 5 * block.attn.embed_dim * 3 * block.attn.embed_dim

@@ -276,6 +276,8 @@ def test_bench_writes_json_and_markdown(capsys, tmp_path):
         "1",
         "--probe-size",
         "256",
+        "--precision",
+        "int8",
         "--out",
         str(tmp_path),
     ]
@@ -283,6 +285,7 @@ def test_bench_writes_json_and_markdown(capsys, tmp_path):
     assert code == 0, err
     results = json.loads((tmp_path / "bench.json").read_text())
     assert [r["batch_size"] for r in results["rows"]] == [1, 2] and results["options"] == {"image_size": 64}
+    assert results["precision"] == "int8"
     for row in results["rows"]:
         assert row["method"] == "winclip" and row["images_per_s"] > 0
         assert 0 < row["latency_ms_p50"] <= row["latency_ms_p95"] and row["peak_memory_mb"] > 0

@@ -9,6 +9,7 @@ absolute numbers move together and the ratio stays put.
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from collections.abc import Sequence
@@ -59,14 +60,21 @@ def count_flops(fn: Any, *args: Any, **kwargs: Any) -> int:
     """Floating-point operations of ``fn(*args, **kwargs)`` (matmuls, convolutions, attention).
 
     PyTorch's counter knows the CUDA attention kernels; the CPU fused kernel is added here with the
-    same formula (4·B·h·N·N'·d for ``softmax(q kᵀ) v``). Elementwise work is not counted.
+    same formula (4·B·h·N·N'·d for ``softmax(q kᵀ) v``), and int8 dynamic linear layers as their float
+    equivalent (2·rows·in·out). Elementwise work is not counted.
     """
-    cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
     def sdpa_cpu(q: Any, k: Any, v: Any, *_: Any, **__: Any) -> int:
         return sdpa_flop_count(q, k, v)
 
-    with FlopCounterMode(display=False, custom_mapping={cpu_sdpa: sdpa_cpu}) as counter:
+    def int8_linear(x: Any, *_: Any, out_shape: Any = None, **__: Any) -> int:
+        return 2 * math.prod(x) * out_shape[-1]
+
+    extra = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu,
+        torch.ops.quantized.linear_dynamic: int8_linear,
+    }
+    with FlopCounterMode(display=False, custom_mapping=extra) as counter:
         fn(*args, **kwargs)
     return int(counter.get_total_flops())
 
@@ -85,11 +93,13 @@ def benchmark(
     seed: int = 0,
     progress: bool = True,
     options: dict[str, Any] | None = None,
+    precision: str = "fp32",
     probe_size: int = PROBE_SIZE,
 ) -> dict:
     """Inference speed of `Method.predict` on random uint8 images of `image_size`² (preprocessing
     included), per method × batch size (see the module docstring for the columns). `options` are given
-    to every method's `create` (e.g. {"image_size": 336}).
+    to every method's `create` (e.g. {"image_size": 336}); `precision` is the image tower's
+    (`Method.set_precision`).
 
     FLOPs are counted over one batch after warm-up, so a few-shot method's cached support features are
     not counted (nor timed). Peak memory is the CUDA allocator's peak on GPU; on CPU it is the process's
@@ -106,6 +116,7 @@ def benchmark(
         tiny = backbone in TINY_BACKBONES.values()
         own = TINY_BACKBONES[method_class(name).backbone_kind] if tiny else backbone
         model = create(name, backbone=own, pretrained=pretrained, device=device, **(options or {}))
+        model.set_precision(precision)
         support = list(rng.integers(0, 256, (shots, image_size, image_size, 3), dtype=np.uint8))
         support = support if model.needs_support else None
         for bs in tqdm(batch_sizes, desc=f"bench {name}", disable=not progress, leave=False):
@@ -121,6 +132,7 @@ def benchmark(
         "warmup": warmup,
         "pretrained": pretrained,
         "options": options or {},
+        "precision": precision,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "rows": rows,
@@ -172,17 +184,17 @@ def _bench_row(
         "latency_ms_p95": round(1000 * float(np.percentile(latencies, 95)), 3),
         "peak_memory_mb": round(peak, 1),
         "gflop_per_image": flops / bs / 1e9,
-        "achieved_gflops": round(achieved, 3),
-        "matmul_gflops": round(machine, 3),
-        "matmul_ratio": round(achieved / machine, 4),
+        "achieved_gflops": achieved,
+        "matmul_gflops": machine,
+        "matmul_ratio": achieved / machine,
     }
 
 
 def bench_table(results: dict) -> str:
     """Markdown table of `benchmark` results."""
     lines = [
-        f"**anomalens bench** · {results['device']} ({results.get('threads', '?')} threads) · "
-        f"{results['image_size']}² inputs · {results['iters']} timed batches",
+        f"**anomalens bench** · {results['device']} ({results['threads']} threads) · "
+        f"{results['precision']} · {results['image_size']}² inputs · {results['iters']} timed batches",
         "",
         "| method | backbone | batch | images/s | p50 ms | p95 ms | peak MiB | GFLOP/img | GFLOP/s "
         "| matmul GFLOP/s | ratio |",

@@ -267,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("detect", cmd_detect, "score images (files, folders, globs): scores.csv + heatmap PNGs")
     p.add_argument("inputs", nargs="+", help="image files, folders (recursive) or glob patterns")
     _model_options(p)
+    _precision_option(p)
     p.add_argument("--support", nargs="+", help="K normal images of the class (few-shot methods)")
     p.add_argument("--class-name", help="object/class name given to the method (default 'object')")
     p.add_argument("--threshold", type=float, help="verdict threshold (default: the checkpoint's)")
@@ -299,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("eval", cmd_eval, "evaluate a checkpoint or method: results.json, markdown table, report")
     _model_options(p)
+    _precision_option(p)
     _data_options(p, "split to evaluate (default test)")
     p.add_argument("--protocol", choices=PROTOCOLS, help="default: from --shots and --seeds")
     p.add_argument("--shots", type=_ints, help="K normal support images per class, e.g. 4 or 1,2,4")
@@ -315,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", help="backbone for every method (default each method's)")
     p.add_argument("--pretrained", type=_pretrained, default="default", help="'none' = random weights")
     _pairs(p, "--set", "options", "option for every benchmarked method")
+    _precision_option(p)
     p.add_argument("--batch-sizes", type=_ints, default=[1, 8])
     p.add_argument("--image-size", type=int, default=512, help="side of the synthetic input images")
     p.add_argument("--iters", type=int, default=10, help="timed batches per configuration")
@@ -469,6 +472,15 @@ def _model_options(parser: argparse.ArgumentParser, checkpoint: bool = True) -> 
     _pairs(parser, "--set", "options", "method option (JSON value or string)")
 
 
+def _precision_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16", "int8"),
+        default="fp32",
+        help="image tower at inference: bf16/fp16 autocast (fp16 GPU only), int8 dynamic quantisation (CPU)",
+    )
+
+
 def _model(args: argparse.Namespace, allow_checkpoint: bool = True, allow_method: bool = True) -> Method:
     """The method named by --checkpoint or --method (+ --backbone/--pretrained/--set)."""
     from anomalens.methods import create, load
@@ -480,11 +492,13 @@ def _model(args: argparse.Namespace, allow_checkpoint: bool = True, allow_method
     if checkpoint:
         if getattr(args, "options", None) or getattr(args, "backbone", None):
             _usage_error("--set/--backbone apply to --method; a checkpoint stores its own")
-        return load(checkpoint, device=args.device, pretrained=args.pretrained)
-    if not method:
-        _usage_error("give --checkpoint or --method" if allow_checkpoint else "give --method")
-    options = _parse_options(args.options)
-    return create(method, backbone=args.backbone, pretrained=args.pretrained, device=args.device, **options)
+        model = load(checkpoint, device=args.device, pretrained=args.pretrained)
+    else:
+        if not method:
+            _usage_error("give --checkpoint or --method" if allow_checkpoint else "give --method")
+        options = _parse_options(args.options)
+        model = create(method, backbone=args.backbone, pretrained=args.pretrained, device=args.device, **options)
+    return model.set_precision(getattr(args, "precision", "fp32"))
 
 
 def _parse_options(pairs: Sequence[str], flag: str = "--set") -> dict[str, Any]:

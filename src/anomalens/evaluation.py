@@ -94,6 +94,7 @@ def evaluate_method(
         raise ValueError("no dataset to evaluate")
     results: dict[str, Any] = {
         **method.describe(),
+        "precision": method.precision,
         "protocol": protocol or ("zero-shot" if shots is None else "fewshot"),
         "seed": support_seed if shots is not None else None,
         "shots": shots,

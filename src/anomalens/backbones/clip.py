@@ -17,9 +17,11 @@ Nothing here monkey-patches open_clip modules; the model is frozen and always in
 
 from __future__ import annotations
 
+import copy
 import logging
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +53,9 @@ from anomalens.backbones.registry import (
 )
 
 POS_INTERP_MODES = ("bicubic", "bilinear")
+# Inference precisions of the image tower (`ClipBackbone.set_precision`).
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 RESIZE_MODES = ("squash", "short_side_crop")
 # Sequences per chunk in `encode_windows`.
 WINDOW_CHUNK = 512
@@ -186,6 +191,8 @@ class ClipBackbone(nn.Module):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.model.eval()
+        self.precision = "fp32"
+        self.int8_blocks: nn.ModuleList | None = None  # per visual block, in "int8" precision
 
     # ------------------------------------------------------------------ state
 
@@ -202,6 +209,42 @@ class ClipBackbone(nn.Module):
         self.training = mode
         self.model.eval()
         return self
+
+    def set_precision(self, precision: str) -> ClipBackbone:
+        """Inference precision of the image tower; the text tower and everything after the tower
+        (projections, similarity heads) stay float32.
+
+        * "fp32": as loaded.
+        * "bf16" / "fp16": the image blocks run under `torch.autocast` (matmuls and attention in half
+          precision; LayerNorms and the residual stream stay float32); every output is float32.
+        * "int8": dynamic int8 quantisation (`torch.ao.quantization.quantize_dynamic`) of the image
+          blocks' linear layers (q/k/v, out-projection, MLP); activations are quantised per call. CPU only.
+        """
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision == "int8" and self.device.type != "cpu":
+            raise ValueError(f"precision int8 runs on the CPU only (the backbone is on {self.device})")
+        if precision == "fp16" and self.device.type == "cpu":
+            raise ValueError("precision fp16 needs a GPU; on the CPU use bf16 or int8")
+        blocks = self.model.visual.transformer.resblocks
+        self.int8_blocks = nn.ModuleList(_int8_block(b) for b in blocks) if precision == "int8" else None
+        self.precision = precision
+        return self
+
+    def _autocast(self) -> AbstractContextManager:
+        """The autocast context of the image blocks in bf16 / fp16; otherwise nothing (a caller's own
+        autocast, e.g. the training engine's AMP, stays in force)."""
+        dtype = AUTOCAST_DTYPES.get(self.precision)
+        return nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+
+    def _int8(self, block: nn.Module) -> nn.Module | None:
+        """The int8 twin of a visual block (see `set_precision`), None for text blocks or in float."""
+        if self.int8_blocks is None:
+            return None
+        for own, twin in zip(self.model.visual.transformer.resblocks, self.int8_blocks, strict=True):
+            if own is block:
+                return twin
+        return None
 
     def map_layers(self, indices: Sequence[int], ref_depth: int, text: bool = False) -> list[int]:
         """`registry.map_layers` onto this backbone's visual (or text) depth."""
@@ -269,24 +312,36 @@ class ClipBackbone(nn.Module):
 
     # ------------------------------------------------------------------ block internals
 
-    def _run_block(
-        self, block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None
+    def _block(
+        self, block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None, cls_only: bool = False
     ) -> torch.Tensor:
-        """Call an unmodified block on batch-first ``x`` (B, M, D), whatever the transformer's layout."""
-        if block.attn.batch_first:
-            return block(x, attn_mask=attn_mask)
-        return block(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
+        """An unmodified block on batch-first ``x`` (B, M, D) with fused attention: open_clip's block
+        computed with `F.scaled_dot_product_attention` instead of ``nn.MultiheadAttention`` (whose CPU
+        inference fast path materialises the attention matrix). ``cls_only`` computes only the CLS row
+        of the output (B, 1, D); its keys and values still come from every token."""
+        q, k, v = self._qkv(block, block.ln_1(x))  # (B, heads, M, hd) each
+        if cls_only:
+            x, q = x[:, :1], q[:, :, :1]  # (B, 1, D), (B, heads, 1, hd)
+        mask = None if attn_mask is None else attn_mask.to(q.dtype)
+        x = x + block.ls_1(self._out_proj(block, F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+        return x + block.ls_2(self._mlp(block, block.ln_2(x)))
 
     def _qkv(self, block: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-head q, k, v of ``block`` from normalised tokens ``h`` (B, M, D); each (B, heads, M, hd)."""
         b, m, d = h.shape
         heads = block.attn.num_heads
-        qkv = F.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias)  # (B, M, 3D)
+        twin = self._int8(block)
+        attn = block.attn
+        qkv = (
+            F.linear(h, attn.in_proj_weight, attn.in_proj_bias) if twin is None else twin.qkv(h)
+        )  # (B, M, 3D)
         qkv = qkv.view(b, m, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # (3, B, heads, M, hd)
         return qkv[0], qkv[1], qkv[2]
 
     def _values(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
         """Per-head values of ``block`` from normalised tokens ``h`` (B, M, D) → (B, heads, M, hd)."""
+        if self._int8(block) is not None:
+            return self._qkv(block, h)[2]
         b, m, d = h.shape
         weight = block.attn.in_proj_weight[2 * d :]  # (D, D)
         bias = None if block.attn.in_proj_bias is None else block.attn.in_proj_bias[2 * d :]
@@ -297,7 +352,12 @@ class ClipBackbone(nn.Module):
         """Concatenate heads (B, heads, M, hd) and apply the block's out-projection → (B, M, D)."""
         b, h, m, hd = heads_out.shape
         merged = heads_out.transpose(1, 2).reshape(b, m, h * hd)  # (B, M, D)
-        return block.attn.out_proj(merged)
+        twin = self._int8(block)
+        return block.attn.out_proj(merged) if twin is None else twin.out(merged)
+
+    def _mlp(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        twin = self._int8(block)
+        return block.mlp(h) if twin is None else twin.mlp(h)
 
     # ------------------------------------------------------------------ image tower
 
@@ -342,6 +402,7 @@ class ClipBackbone(nn.Module):
         attention: Mapping[int, str] | None = None,
         eattn: EAttnSpec | None = None,
         values_at: Mapping[int, str] | None = None,
+        cls_only: bool = False,
     ) -> VisualOutput:
         """One forward pass of the image tower with optional per-layer overrides (1-based layers).
 
@@ -358,6 +419,9 @@ class ClipBackbone(nn.Module):
             values_at: ``values_at[i]`` = "input": V of block i from ``ln_1(block input)``; "mid": from
                 ``ln_1`` of the mid-block state (input + attention output, before the MLP; the state
                 Crane's official D-Attn reads).
+            cls_only: the caller reads only ``cls`` (and ``branch`` / input ``values``): the last block's
+                main path computes the CLS row alone and ``final`` is (B, 1, D). Not allowed when the last
+                block is in ``layers``, ``adapters``, ``attention`` or ``values_at`` "mid".
 
         Returns:
             `VisualOutput` (cls, final, tokens, branch, values).
@@ -380,42 +444,57 @@ class ClipBackbone(nn.Module):
             self._check_layers(list(eattn.taps), "eattn.taps", lo=eattn.start)
             if eattn.variant not in EATTN_VARIANTS:
                 raise ValueError(f"E-Attn variant {eattn.variant!r} not in {sorted(EATTN_VARIANTS)}")
+        last = self.depth
+        if cls_only and (
+            last in layers or last in adapters or last in attention or values_at.get(last) == "mid"
+        ):
+            raise ValueError(f"cls_only: block {last} (the last) is tapped, adapted or overridden")
 
         scale = self.head_dim**-0.5
         wanted = set(layers)
         tokens: dict[int, torch.Tensor] = {}
         branch: dict[int, torch.Tensor] = {}
         values: dict[int, torch.Tensor] = {}
-        x = self._embed(images)  # (B, M, D)
-        z = None
-        for i, block in enumerate(self.model.visual.transformer.resblocks, start=1):
-            in_branch = eattn is not None and i >= eattn.start
-            if in_branch and i == eattn.start:
-                z = x
-            kind = attention.get(i, "standard")
-            if kind == "standard" and not in_branch and i not in values_at:
-                x = self._run_block(block, x)
-            else:
-                q, k, v = self._qkv(block, block.ln_1(x))  # (B, heads, M, hd) each
-                mid = x + block.ls_1(self._out_proj(block, single_path_attention(q, k, v, scale, kind)))
-                if in_branch:
-                    z = z + self._out_proj(block, eattn_output(q, k, v, scale, eattn.variant))  # (B, M, D)
-                if values_at.get(i) == "input":
-                    values[i] = v
-                elif values_at.get(i) == "mid":
-                    values[i] = self._values(block, block.ln_1(mid))
-                x = mid + block.ls_2(block.mlp(block.ln_2(mid)))  # (B, M, D)
-            if i in adapters:
-                x = adapters[i](x)
-            if i in wanted:
-                tokens[i] = x
-            if in_branch and i in eattn.taps:
-                branch[i] = z
+        with self._autocast():
+            x = self._embed(images)  # (B, M, D)
+            z = None
+            for i, block in enumerate(self.model.visual.transformer.resblocks, start=1):
+                in_branch = eattn is not None and i >= eattn.start
+                if in_branch and i == eattn.start:
+                    z = x
+                kind = attention.get(i, "standard")
+                if kind == "standard" and not in_branch and i not in values_at:
+                    x = self._block(block, x, cls_only=cls_only and i == last)
+                else:
+                    q, k, v = self._qkv(block, block.ln_1(x))  # (B, heads, M, hd) each
+                    if in_branch:
+                        branch_out = eattn_output(q, k, v, scale, eattn.variant)  # (B, heads, M, hd)
+                        z = z + self._out_proj(block, branch_out)  # (B, M, D)
+                    if values_at.get(i) == "input":
+                        values[i] = v
+                    if cls_only and i == last:  # standard attention (checked above): the CLS query alone
+                        x, q = x[:, :1], q[:, :, :1]  # (B, 1, D), (B, heads, 1, hd)
+                    mid = x + block.ls_1(self._out_proj(block, single_path_attention(q, k, v, scale, kind)))
+                    if values_at.get(i) == "mid":
+                        values[i] = self._values(block, block.ln_1(mid))
+                    x = mid + block.ls_2(self._mlp(block, block.ln_2(mid)))  # (B, M or 1, D)
+                if i in adapters:
+                    x = adapters[i](x)
+                if i in wanted:
+                    tokens[i] = x
+                if in_branch and i in eattn.taps:
+                    branch[i] = z
         if eattn is not None and eattn.alias_taps:
             # Official Crane accumulates in place, so every stored tap is the final Z.
             branch = dict.fromkeys(eattn.taps, z)
-        cls = self.project(x[:, 0])  # (B, embed_dim)
-        return VisualOutput(cls=cls, final=x, tokens=tokens, branch=branch, values=values)
+        x = x.float()  # a no-op in fp32; half-precision blocks hand float32 to projections and heads
+        return VisualOutput(
+            cls=self.project(x[:, 0]),  # (B, embed_dim)
+            final=x,
+            tokens={i: t.float() for i, t in tokens.items()},
+            branch={i: t.float() for i, t in branch.items()},
+            values={i: t.float() for i, t in values.items()},
+        )
 
     def attention_output(self, layer: int, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Apply attention weights to per-head values and block ``layer``'s out-projection (no residual).
@@ -455,11 +534,13 @@ class ClipBackbone(nn.Module):
         cls = x[:, :1].unsqueeze(1).expand(b, n_win, 1, d)  # (B, n_win, 1, D)
         seqs = torch.cat([cls, x[:, index]], dim=2).reshape(b * n_win, 1 + k, d)  # (B*n_win, 1+k, D)
         pooled = []
+        blocks = self.model.visual.transformer.resblocks
         # An exported graph has a symbolic batch, so it runs all sequences at once (no Python loop).
         for part in [seqs] if torch.compiler.is_exporting() else seqs.split(chunk):
-            for block in self.model.visual.transformer.resblocks:
-                part = self._run_block(block, part)
-            pooled.append(part[:, 0])  # (chunk, D)
+            with self._autocast():
+                for i, block in enumerate(blocks, start=1):
+                    part = self._block(block, part, cls_only=i == len(blocks))
+            pooled.append(part[:, 0].float())  # (chunk, D)
         return self.project(torch.cat(pooled)).view(b, n_win, -1)  # (B, n_win, embed_dim)
 
     # ------------------------------------------------------------------ text tower
@@ -522,7 +603,7 @@ class ClipBackbone(nn.Module):
                 prompt = deep_prompts[i].to(x.dtype)
                 prompt = prompt.expand(x.shape[0], -1, -1) if prompt.ndim == 2 else prompt  # (C, n, Dt)
                 x = torch.cat([x[:, :1], prompt, x[:, 1 + prompt.shape[1] :]], dim=1)  # (C, L', Dt)
-            x = self._run_block(block, x, attn_mask=attn_mask)
+            x = self._block(block, x, attn_mask=attn_mask)
             if i in adapters:
                 x = adapters[i](x)
         x = model.ln_final(x)  # (C, L, Dt)
@@ -534,6 +615,30 @@ class ClipBackbone(nn.Module):
         else:
             pooled = pooled @ model.text_projection  # (C, embed_dim)
         return F.normalize(pooled, dim=-1) if normalize else pooled
+
+
+def _int8_block(block: nn.Module) -> nn.Module:
+    """Dynamically int8-quantised copies of a block's linear layers: ``qkv`` (the packed in-projection),
+    ``out`` (out-projection) and ``mlp``; weights per tensor, activations quantised on the fly."""
+    attn = block.attn
+    d = attn.embed_dim
+    qkv = nn.Linear(d, 3 * d, bias=attn.in_proj_bias is not None)
+    out = nn.Linear(d, d, bias=attn.out_proj.bias is not None)
+    with torch.no_grad():
+        qkv.weight.copy_(attn.in_proj_weight)
+        out.weight.copy_(attn.out_proj.weight)
+        if qkv.bias is not None:
+            qkv.bias.copy_(attn.in_proj_bias)
+        if out.bias is not None:
+            out.bias.copy_(attn.out_proj.bias)
+    twin = nn.ModuleDict({"qkv": qkv, "out": out, "mlp": copy.deepcopy(block.mlp)})
+    # torch.ao.quantization and quantised tensors announce their deprecation (docs/performance.md).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantiz.*deprecated", category=UserWarning)
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(twin, {nn.Linear}, dtype=torch.qint8)
 
 
 class _RandomInitFilter(logging.Filter):

@@ -457,7 +457,7 @@ class AACLIP(Method):
         vv = self.backbone.encode_image(
             images, layers=self.taps, attention=dict.fromkeys(self.vv_layers, "vv")
         )
-        cls = self.backbone.encode_image(images).cls  # (B, E), unmodified CLIP
+        cls = self.backbone.encode_image(images, cls_only=True).cls  # (B, E), unmodified CLIP
         return [reference_patch_features(self.backbone.project(vv.tokens[i][:, 1:]), cls) for i in self.taps]
 
     # ------------------------------------------------------------------ inference

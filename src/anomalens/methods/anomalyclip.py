@@ -133,7 +133,7 @@ class AnomalyCLIP(Method):
     def _visual(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Frozen features: unit-norm image embedding (B, E) and per-tap local features (B, N, E)."""
         with torch.no_grad():
-            out = self.backbone.encode_image(images, eattn=self.dpam)
+            out = self.backbone.encode_image(images, eattn=self.dpam, cls_only=True)
             local = [F.normalize(self.backbone.project(out.branch[t][:, 1:]), dim=-1) for t in self.taps]
         return F.normalize(out.cls, dim=-1), local
 

@@ -156,7 +156,9 @@ class APRILGAN(Method):
     def _tap_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Frozen features: CLS embedding (B, E) and raw patch tokens (B, N, width) per tap."""
         with torch.no_grad():
-            out = self.backbone.encode_image(images, layers=self.taps)
+            out = self.backbone.encode_image(
+                images, layers=self.taps, cls_only=self.backbone.depth not in self.taps
+            )
         return out.cls, [out.tokens[t][:, 1:] for t in self.taps]
 
     def _maps(self, tokens: list[torch.Tensor], anchors: torch.Tensor) -> list[torch.Tensor]:

@@ -197,6 +197,20 @@ class Method(nn.Module):
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
 
+    @property
+    def precision(self) -> str:
+        return getattr(self.backbone, "precision", "fp32")
+
+    def set_precision(self, precision: str) -> Method:
+        """Inference precision of the image tower: "fp32", "bf16" (autocast), "fp16" (GPU autocast) or
+        "int8" (CPU, dynamic quantisation); text features, heads and scores stay float32
+        (`ClipBackbone.set_precision`). Backbones without it (DINO) run fp32 only. Returns self."""
+        if hasattr(self.backbone, "set_precision"):
+            self.backbone.set_precision(precision)
+        elif precision != "fp32":
+            raise ValueError(f"method {self.name!r} runs in fp32 only (precision {precision!r} given)")
+        return self
+
     # ------------------------------------------------------------------ inference
     def forward_batch(
         self, images: torch.Tensor, class_names: list[str], support: Any

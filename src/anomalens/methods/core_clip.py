@@ -621,7 +621,7 @@ class CoReCLIP(Method):
         """v_cls of L_ground / L_calib, without gradient: (B, E) unit norm."""
         with torch.no_grad():
             if self.config.ground_source == "clip":
-                return F.normalize(self.backbone.encode_image(images).cls, dim=-1)
+                return F.normalize(self.backbone.encode_image(images, cls_only=True).cls, dim=-1)
             g = self.branches.index("g")
             return self.encode_branches(images[None], branch_ids=[g]).cls[:, 0]
 

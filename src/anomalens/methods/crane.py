@@ -396,7 +396,8 @@ class Crane(Method):
             # Official snapshots alias the final branch, except when they are resampled to the DINO grid.
             alias = config.official_compat and tuple(grid) == tuple(bb.grid)
             eattn = EAttnSpec(self.eattn_start, self.attn_variant, tuple(self.layers), alias_taps=alias)
-        out = bb.encode_image(images, eattn=eattn, values_at=values_at)
+        cls_only = (values_at or {}).get(bb.depth) != "mid"  # only then the last block's tokens are read
+        out = bb.encode_image(images, eattn=eattn, values_at=values_at, cls_only=cls_only)
         branches = []
         for layer in self.layers:
             if config.use_dattn:

@@ -400,7 +400,8 @@ class _InCTRLBase(Method):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen features of (B, 3, S, S) images: CLS embeddings (B, E), raw patch tokens (B, L, N, D)."""
-        out = self.backbone.encode_image(images, layers=self.layers)
+        cls_only = self.backbone.depth not in self.layers
+        out = self.backbone.encode_image(images, layers=self.layers, cls_only=cls_only)
         tokens = torch.stack([out.tokens[i][:, 1:] for i in self.layers], dim=1)  # (B, L, N, D)
         return out.cls, tokens
 
