@@ -217,7 +217,7 @@ def test_reference_pass_uses_vv_attention_and_the_unmodified_cls(model, monkeypa
         3,
         4,
     ]
-    assert calls[1] == {}  # the CLS comes from a plain pass: no adapters, standard attention
+    assert calls[1] == {"cls_only": True}  # the CLS comes from a plain pass: no adapters, standard attention
     cls = F.normalize(original(x).cls, dim=-1)
     plain = original(x, layers=[4]).tokens[4][:, 1:]
     vv = original(x, layers=[4], attention=dict.fromkeys([1, 2, 3, 4], "vv")).tokens[4][:, 1:]
