@@ -497,7 +497,9 @@ def _model(args: argparse.Namespace, allow_checkpoint: bool = True, allow_method
         if not method:
             _usage_error("give --checkpoint or --method" if allow_checkpoint else "give --method")
         options = _parse_options(args.options)
-        model = create(method, backbone=args.backbone, pretrained=args.pretrained, device=args.device, **options)
+        model = create(
+            method, backbone=args.backbone, pretrained=args.pretrained, device=args.device, **options
+        )
     return model.set_precision(getattr(args, "precision", "fp32"))
 
 
