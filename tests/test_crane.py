@@ -244,6 +244,32 @@ def test_image_context_in_prompts(make, images):
     assert differ(off, on)
 
 
+def test_learned_prompt_text_is_encoded_once_until_the_prompts_change(make, images, monkeypatch):
+    m = make(score_pooling="none")  # image score p_a(g_i): checkable against the uncached text
+    calls = []
+    encode = m.backbone.encode_text
+    monkeypatch.setattr(m.backbone, "encode_text", lambda *a, **k: calls.append(1) or encode(*a, **k))
+
+    def uncached_scores() -> torch.Tensor:
+        with torch.no_grad():
+            g_i = m.visual_features(images).global_embedding
+            return anchor_probability(g_i, m.text_features(None), 1.0 / 0.07)
+
+    first = [m.forward_batch(images, [c] * 3, None)[0] for c in ("object", "disc", "object")]
+    assert len(calls) == 1  # one encoding serves every call and class: the prompts are object-agnostic
+    torch.testing.assert_close(first[0], uncached_scores())
+    torch.testing.assert_close(first[1], first[0])
+    # A training step changes the prompts: the next call encodes them again and uses the new ones.
+    stage = m.training_stages()[0]
+    optimizer = torch.optim.SGD(stage.parameters(), lr=10.0)
+    stage.loss(_batch(m)[0])["loss"].backward()
+    optimizer.step()
+    calls.clear()
+    after = m.forward_batch(images, ["object"] * 3, None)[0]
+    assert len(calls) == 1 and differ(after, first[0])
+    torch.testing.assert_close(after, uncached_scores())
+
+
 # ---------------------------------------------------------------------- training
 def _batch(method: Crane, n: int = 4):
     ds = al.data.load("synthetic:defects?size=48&n=2&seed=5", split="test", classes=["disc"])

@@ -46,7 +46,14 @@ REFUSED = {
 }
 # Method functions whose result depends only on non-tensor arguments (class names, or none): the text
 # side. They run eagerly before tracing and their results become constants of the graph.
-TEXT_FUNCTIONS = ("text_anchors", "frozen_anchors", "frozen_text", "text_features", "cached_anchors")
+TEXT_FUNCTIONS = (
+    "text_anchors",
+    "frozen_anchors",
+    "frozen_text",
+    "text_features",
+    "static_text",
+    "cached_anchors",
+)
 METADATA_PREFIX = "anomalens."
 
 

@@ -61,6 +61,7 @@ OFFICIAL_ATTN_TYPES = {"qq+kk+vv": "qkv"}
 SCORE_POOLING = ("official", "paper", "none")
 CONTEXT_POSITIONS = ("after_ctx", "after_name")
 TRAIN_UPSAMPLING = ("nearest", "bilinear")
+AGNOSTIC_CLASS = "object"  # the one key of the learned-prompt text cache (`Crane.static_text`)
 
 
 @dataclass(frozen=True)
@@ -367,6 +368,14 @@ class Crane(Method):
         )  # (B*2, E)
         return text.view(b, 2, -1)
 
+    @torch.no_grad()
+    def static_text(self) -> torch.Tensor:
+        """`text_features(None)` (1, 2, E), cached while the prompt weights are unchanged (their
+        `weights_fingerprint`; training steps and loading a checkpoint change it). The learned prompts
+        are object-agnostic, so one cache entry serves every class."""
+        compute = lambda _: self.text_features(None)  # noqa: E731  # (1, 2, E) for the one entry
+        return self.cached_anchors([AGNOSTIC_CLASS], compute, self.prompt_parameters())
+
     # ------------------------------------------------------------------ image
     @torch.no_grad()
     def visual_features(self, images: torch.Tensor) -> VisualFeatures:
@@ -416,7 +425,7 @@ class Crane(Method):
         """(B, 3, S, S) → image scores p_a(g⁺) (B,) and smoothed maps (B, S, S)."""
         config = self.config
         visual = self.visual_features(images)
-        text = self.text_features(visual.global_embedding if config.context_at_test else None)
+        text = self.text_features(visual.global_embedding) if config.context_at_test else self.static_text()
         scale = 1.0 / config.temperature
         logits = [anchor_logits(z, text, scale) for z in visual.branches]  # Eq. (1): (B, N', 2)
         maps = anomaly_map(logits, visual.grid, self.backbone.image_size, config.soft_mean)  # (B, S, S)
