@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,9 @@ from PIL import Image
 
 import anomalens.data as al_data
 from anomalens.cli import _call, build_parser
+from anomalens.data.types import Dataset
 from anomalens.detect import detect, expand_inputs
-from anomalens.inference import predict_batches, predict_dataset
+from anomalens.inference import default_workers, predict_batches, predict_dataset
 from anomalens.methods import create
 
 
@@ -49,6 +51,53 @@ def test_predict_batches_skips_unreadable_images_only_when_asked(winclip, mvtec_
         list(predict_batches(winclip, dataset, batch_size=2))
 
 
+def _traced(dataset: Dataset) -> Dataset:
+    """`dataset` whose samples record the process that decoded them (meta["pid"])."""
+    index = {r: i for i, r in enumerate(dataset.records)}
+
+    def load(record):
+        sample = dataset[index[record]]
+        sample.meta["pid"] = os.getpid()
+        return sample
+
+    return Dataset(dataset.name, dataset.records, load)
+
+
+def test_loader_workers_read_in_other_processes_and_change_no_result(winclip, mvtec_root):
+    dataset = _traced(al_data.load(f"mvtec:{mvtec_root}", "test"))
+    broken = Path(dataset.records[4].path)
+    broken.write_bytes(broken.read_bytes()[:40])
+    runs = {}
+    for workers in (0, 2):
+        errors: list[str] = []
+        batches = list(predict_batches(winclip, dataset, batch_size=3, errors=errors, workers=workers))
+        runs[workers] = (batches, errors)
+    (serial, serial_errors), (parallel, parallel_errors) = runs[0], runs[2]
+    assert len(serial_errors) == 1 and parallel_errors == serial_errors
+    assert {s.meta["pid"] for samples, _ in serial for s in samples} == {os.getpid()}
+    assert os.getpid() not in {s.meta["pid"] for samples, _ in parallel for s in samples}
+    assert [[s.path for s in b] for b, _ in parallel] == [[s.path for s in b] for b, _ in serial]
+    for (_, a), (_, b) in zip(serial, parallel, strict=True):  # the same batches through the same model
+        np.testing.assert_array_equal(a.scores, b.scores)
+        np.testing.assert_array_equal(a.maps, b.maps)
+    assert default_workers(1) == 0 and default_workers(2) >= 1
+    with pytest.raises(al_data.DataError, match=str(broken)):
+        list(predict_batches(winclip, dataset, batch_size=3, workers=2))
+
+
+def test_a_set_level_method_scores_the_whole_set_once_whatever_the_workers(mvtec_root):
+    musc = create("musc", backbone="test-tiny", pretrained=None, device="cpu", image_size=64)
+    dataset = al_data.load(f"mvtec:{mvtec_root}", "test", ["bottle"])
+    seen: list[int] = []
+    one, masks = predict_dataset(musc, dataset, batch_size=1, on_batch=seen.append, workers=0)
+    assert seen == [len(dataset)] and len(masks) == len(dataset)
+    two, _ = predict_dataset(musc, dataset, batch_size=1, workers=2)
+    np.testing.assert_array_equal(one.scores, two.scores)
+    np.testing.assert_array_equal(one.extras["map_max"], two.extras["map_max"])
+    direct = musc.predict([s.image for s in dataset], "bottle", batch_size=1)
+    np.testing.assert_array_equal(one.scores, direct.scores)
+
+
 def test_detect_writes_scores_and_heatmaps_and_reports_failures(winclip, tmp_path):
     rng = np.random.default_rng(0)
     for name in ("a.png", "sub/b.png"):
@@ -65,6 +114,14 @@ def test_detect_writes_scores_and_heatmaps_and_reports_failures(winclip, tmp_pat
     )
     with open(result.csv_path) as f:
         assert [row["path"] for row in csv.DictReader(f)] == [p for p, _, _ in result.rows]
+    # Loader workers and the background heatmap writer write the same files.
+    again = detect(
+        winclip, [str(tmp_path / "in")], tmp_path / "again", threshold=0.0, progress=False, workers=2
+    )
+    assert again.rows == result.rows and again.failures == result.failures
+    assert result.csv_path.read_bytes() == again.csv_path.read_bytes()
+    for a, b in zip(result.heatmaps, again.heatmaps, strict=True):
+        assert a.name == b.name and a.read_bytes() == b.read_bytes()
 
 
 def test_concat_datasets_decodes_each_sample_with_its_own_dataset(mvtec_root):
@@ -112,7 +169,8 @@ def test_flags_reach_the_library_under_their_parameter_names():
         spy.__signature__ = inspect.signature(fn)
         return _call(spy, build_parser().parse_args(argv))
 
-    got = received(["detect", "x.png", "--no-heatmaps", "--alpha", "0.3", "--class-name", "nut"], detect)
+    argv = ["detect", "x.png", "--no-heatmaps", "--alpha", "0.3", "--class-name", "nut", "--workers", "3"]
+    got = received(argv, detect)
     assert got == {
         "inputs": ["x.png"],
         "out": "runs/detect",
@@ -122,6 +180,7 @@ def test_flags_reach_the_library_under_their_parameter_names():
         "batch_size": 16,
         "heatmaps": False,
         "alpha": 0.3,
+        "workers": 3,
     }
 
 

@@ -275,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in the overlays")
     p.add_argument("--no-heatmaps", dest="heatmaps", action="store_false", help="write scores only")
+    _workers_option(p)
     p.add_argument("--onnx", help="an exported model (.onnx), run with ONNX Runtime instead of torch")
 
     p = command("train", cmd_train, "train a method on dataset(s) and write <out>/model.anomalens")
@@ -311,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true", help="also write <out>/report.html with heatmaps")
     p.add_argument("--out", default="runs/eval")
     p.add_argument("--batch-size", type=int, default=16)
+    _workers_option(p)
 
     p = command("bench", cmd_bench, "throughput, latency, memory, FLOPs and the ratio to matmul throughput")
     p.add_argument("--methods", type=_names, help="comma-separated methods (default all)")
@@ -478,6 +480,14 @@ def _precision_option(parser: argparse.ArgumentParser) -> None:
         choices=("fp32", "bf16", "fp16", "int8"),
         default="fp32",
         help="image tower at inference: bf16/fp16 autocast (fp16 GPU only), int8 dynamic quantisation (CPU)",
+    )
+
+
+def _workers_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="processes reading and resizing images while the model runs (default: up to 4; 0: none)",
     )
 
 

@@ -9,10 +9,14 @@ import csv
 import glob
 import io
 import os
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from anomalens.data.types import Dataset, Record, Sample
 
@@ -83,6 +87,7 @@ def detect(
     heatmaps: bool = True,
     alpha: float = 0.5,
     progress: bool = True,
+    workers: int | None = None,
 ) -> Detection:
     """Score image files (files, folders, globs) with `model`; write `scores.csv` (path, score[, verdict])
     and, with `heatmaps`, an overlay PNG per image into `out/heatmaps`.
@@ -90,12 +95,13 @@ def detect(
     threshold: verdicts use ``score > threshold``; default the model's calibrated `threshold` (none:
     no verdict column). Unreadable images are reported in `failures` and skipped.
     Heatmap colours span [0, 1] when a map lies in it (probability-like maps), else the map's own range.
+    Images are read in `workers` loader processes (`anomalens.inference.predict_batches`) and heatmaps
+    are drawn and written in a background thread while the model scores the next batch.
     """
     from tqdm.auto import tqdm
 
     from anomalens.files import atomic_write
     from anomalens.inference import predict_batches
-    from anomalens.viz import overlay, save_png
 
     files = expand_inputs(inputs)
     support_files = expand_inputs(support) if support else None
@@ -110,7 +116,9 @@ def detect(
     out.mkdir(parents=True, exist_ok=True)
     result = Detection(out / "scores.csv")
     names: set[str] = set()
-    with tqdm(total=len(files), desc="detect", unit="img", disable=not progress, leave=False) as bar:
+    written: deque[Future[Path]] = deque()  # heatmaps being written, in order
+    bar = tqdm(total=len(files), desc="detect", unit="img", disable=not progress, leave=False)
+    with bar, ThreadPoolExecutor(max_workers=1) as writer:
         for samples, pred in predict_batches(
             model,
             image_files(files, class_name),
@@ -118,16 +126,17 @@ def detect(
             batch_size=batch_size,
             errors=result.failures,
             on_batch=bar.update,
+            workers=workers,
         ):
             for sample, score, amap in zip(samples, pred.scores, pred.maps, strict=True):
                 verdict = None if threshold is None else ("anomalous" if score > threshold else "normal")
                 result.rows.append((sample.path, float(score), verdict))
                 if heatmaps:
-                    in_unit = float(amap.min()) >= 0.0 and float(amap.max()) <= 1.0
-                    vmin, vmax = (0.0, 1.0) if in_unit else (None, None)
-                    name = _unique_stem(Path(sample.path).stem, names)
-                    png = overlay(sample.image, amap, alpha, vmin, vmax)
-                    result.heatmaps.append(save_png(png, out / "heatmaps" / f"{name}.png"))
+                    png = out / "heatmaps" / f"{_unique_stem(Path(sample.path).stem, names)}.png"
+                    written.append(writer.submit(write_heatmap, sample.image, amap, alpha, png))
+            while len(written) > 2 * batch_size:  # bound the images waiting for the writer
+                result.heatmaps.append(written.popleft().result())
+        result.heatmaps.extend(f.result() for f in written)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "score"] + ([] if threshold is None else ["verdict"]))
@@ -135,6 +144,16 @@ def detect(
         writer.writerow([path, f"{score:.6g}"] + ([] if verdict is None else [verdict]))
     atomic_write(result.csv_path, buffer.getvalue())
     return result
+
+
+def write_heatmap(image: np.ndarray, amap: np.ndarray, alpha: float, path: Path) -> Path:
+    """Write the overlay of `amap` on `image` as a PNG at `path`. Colours span [0, 1] when the map lies
+    in it (probability-like maps), else the map's own range."""
+    from anomalens.viz import overlay, save_png
+
+    in_unit = float(amap.min()) >= 0.0 and float(amap.max()) <= 1.0
+    vmin, vmax = (0.0, 1.0) if in_unit else (None, None)
+    return save_png(overlay(image, amap, alpha, vmin, vmax), path)
 
 
 def _unique_stem(stem: str, taken: set[str]) -> str:

@@ -69,6 +69,7 @@ def evaluate_method(
     protocol: str | None = None,
     progress: bool = True,
     on_class: Callable[[ClassResult], None] | None = None,
+    workers: int | None = None,
 ) -> dict:
     """Evaluate `method` and return the results document of DESIGN §3.4.
 
@@ -80,6 +81,8 @@ def evaluate_method(
         both to the model's input size first, as the official evaluators do (comparable to paper tables).
     aupro_variant: "mvtec" (official MVTec algorithm) or "sampled" (AnomalyCLIP/APRIL-GAN code).
     on_class: called with every `ClassResult` (e.g. to collect report images).
+    workers: loader processes reading and resizing images while the model runs (`predict_batches`;
+        None = `inference.default_workers`, 0 = none); results do not depend on it.
     """
     if eval_resolution not in EVAL_RESOLUTIONS:
         raise ValueError(
@@ -128,7 +131,12 @@ def evaluate_method(
             indices = [i for i, r in enumerate(dataset.records) if r.class_name == cls]
             start = time.perf_counter()
             prediction, masks = predict_dataset(
-                method, dataset.subset(indices), support=support, batch_size=batch_size, on_batch=bar.update
+                method,
+                dataset.subset(indices),
+                support=support,
+                batch_size=batch_size,
+                on_batch=bar.update,
+                workers=workers,
             )
             scores = np.asarray(method.set_scores(prediction, [cls] * len(indices)), dtype=np.float64)
             seconds += time.perf_counter() - start

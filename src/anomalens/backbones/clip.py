@@ -117,6 +117,22 @@ def window_indices(grid: tuple[int, int], size: int | tuple[int, int], stride: i
     return starts[:, None] + offsets[None, :]  # (n_win, kh*kw)
 
 
+def resize_images(images: Sequence[np.ndarray] | np.ndarray, size: int, resize: str) -> torch.Tensor:
+    """uint8 RGB images (H, W, 3), any sizes → uint8 (B, 3, size, size) on the CPU.
+
+    Resizing is PIL bicubic through torchvision, as in the official pipelines: "squash" resizes to
+    size×size (AA-CLIP, Crane); "short_side_crop" resizes the short side to size then centre-crops (InCTRL).
+    """
+    tensors = []
+    for image in images:
+        array = np.asarray(image)
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+            raise ValueError(f"expected uint8 (H, W, 3) RGB images, got {array.dtype} {array.shape}")
+        pil = _resize_pil(Image.fromarray(array), size, resize, InterpolationMode.BICUBIC)
+        tensors.append(TF.pil_to_tensor(pil))  # (3, size, size) uint8
+    return torch.stack(tensors)
+
+
 def _resize_pil(image: Image.Image, size: int, resize: str, interpolation: InterpolationMode) -> Image.Image:
     """Resize a PIL image to size×size: squash, or short side to size then centre crop (torchvision)."""
     if resize == "squash":
@@ -274,19 +290,18 @@ class ClipBackbone(nn.Module):
     # ------------------------------------------------------------------ input
 
     def preprocess(self, images: Sequence[np.ndarray] | np.ndarray, resize: str = "squash") -> torch.Tensor:
-        """uint8 RGB images (H, W, 3), any sizes → normalised (B, 3, S, S) float32 on the device.
+        """uint8 RGB images (H, W, 3), any sizes → normalised (B, 3, S, S) float32 on the device:
+        ``normalize(pixels(images, resize))``."""
+        return self.normalize(self.pixels(images, resize))
 
-        Resizing is PIL bicubic through torchvision, as in the official pipelines: "squash" resizes to
-        S×S (AA-CLIP, Crane); "short_side_crop" resizes the short side to S then centre-crops (InCTRL).
-        """
-        tensors = []
-        for image in images:
-            array = np.asarray(image)
-            if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-                raise ValueError(f"expected uint8 (H, W, 3) RGB images, got {array.dtype} {array.shape}")
-            pil = _resize_pil(Image.fromarray(array), self.image_size, resize, InterpolationMode.BICUBIC)
-            tensors.append(TF.pil_to_tensor(pil))  # (3, S, S) uint8
-        x = torch.stack(tensors).to(self.device, torch.float32).div_(255.0)  # (B, 3, S, S)
+    def pixels(self, images: Sequence[np.ndarray] | np.ndarray, resize: str = "squash") -> torch.Tensor:
+        """uint8 RGB images (H, W, 3), any sizes → resized uint8 (B, 3, S, S) on the CPU (what a data
+        loader worker computes; see `resize_images`)."""
+        return resize_images(images, self.image_size, resize)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Resized uint8 (B, 3, S, S) → float32 normalised with the backbone's mean and std, on the device."""
+        x = pixels.to(self.device, torch.float32).div_(255.0)  # (B, 3, S, S)
         mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
         return (x - mean) / std

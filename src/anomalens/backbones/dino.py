@@ -16,13 +16,10 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
-from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from torchvision.transforms import InterpolationMode
 
-from anomalens.backbones.clip import _resize_pil
+from anomalens.backbones.clip import resize_images
 from anomalens.backbones.registry import (
     DEFAULT_DINO,
     DINO_MEAN,
@@ -104,7 +101,13 @@ class DinoBackbone(nn.Module):
         model.patch_embed.img_size = tuple(g * self.patch_size for g in grid)
 
     def preprocess(self, images: Sequence[np.ndarray] | np.ndarray, resize: str = "squash") -> torch.Tensor:
-        """uint8 RGB images (H, W, 3), any sizes → ImageNet-normalised (B, 3, s, s) float32 on the device.
+        """uint8 RGB images (H, W, 3), any sizes → ImageNet-normalised (B, 3, s, s) float32 on the device:
+        ``normalize(pixels(images, resize))``."""
+        return self.normalize(self.pixels(images, resize))
+
+    def pixels(self, images: Sequence[np.ndarray] | np.ndarray, resize: str = "squash") -> torch.Tensor:
+        """uint8 RGB images (H, W, 3), any sizes → uint8 (B, 3, s, s) on the CPU (what a data loader
+        worker computes).
 
         PIL bicubic resize to S×S ("squash") or short side to S then centre crop ("short_side_crop"),
         then the bottom/right pixels beyond the last whole patch are cropped (s = grid · patch), as the
@@ -112,15 +115,12 @@ class DinoBackbone(nn.Module):
         """
         if self.image_size is None:
             raise ValueError(f"{self.name}: preprocess needs a backbone built with image_size")
-        tensors = []
-        for image in images:
-            array = np.asarray(image)
-            if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-                raise ValueError(f"expected uint8 (H, W, 3) RGB images, got {array.dtype} {array.shape}")
-            pil = _resize_pil(Image.fromarray(array), self.image_size, resize, InterpolationMode.BICUBIC)
-            tensors.append(TF.pil_to_tensor(pil))  # (3, S, S) uint8
         side = self.grid[0] * self.patch_size
-        x = torch.stack(tensors)[:, :, :side, :side].to(self.device, torch.float32).div_(255.0)
+        return resize_images(images, self.image_size, resize)[:, :, :side, :side]
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, s, s) from `pixels` → ImageNet-normalised float32 on the device."""
+        x = pixels.to(self.device, torch.float32).div_(255.0)
         mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
         return (x - mean) / std  # (B, 3, s, s)

@@ -230,9 +230,16 @@ class Method(nn.Module):
         class_names: str | Sequence[str] | None = None,
         support: Sequence[ImageLike] | np.ndarray | None = None,
         batch_size: int = 16,
+        *,
+        pixels: torch.Tensor | None = None,
     ) -> Prediction:
-        """Score and segment `images` (uint8 (B,H,W,3), a list of arrays of any size, or paths)."""
+        """Score and segment `images` (uint8 (B,H,W,3), a list of arrays of any size, or paths).
+
+        pixels: ``input_pixels(images)`` when already computed (e.g. in a data loader worker, see
+        `anomalens.inference`); the images are then not resized again here.
+        """
         arrays = to_arrays(images, "images")
+        pixels = checked_pixels(pixels, len(arrays))
         names = broadcast_class_names(class_names, len(arrays))
         if self.needs_support and support is None:
             raise ValueError(f"method {self.name!r} needs support=[K normal images of the class]")
@@ -241,12 +248,23 @@ class Method(nn.Module):
         parts = []
         for start in range(0, len(arrays), batch_size):
             chunk = arrays[start : start + batch_size]
-            x = self.backbone.preprocess(chunk, resize=self.resize).to(self.device)
+            if pixels is None:
+                x = self.backbone.preprocess(chunk, resize=self.resize).to(self.device)
+            else:  # the same values: preprocess = normalize(pixels(...))
+                x = self.backbone.normalize(pixels[start : start + batch_size]).to(self.device)
             s, m, *rest = self.forward_batch(x, names[start : start + batch_size], ctx)
             extras = {k: v.detach().double().cpu().numpy() for k, v in (rest[0] if rest else {}).items()}
             sized = resize_maps(m.float(), [a.shape[:2] for a in chunk], self.resize)
             parts.append(Prediction(s.float().cpu().numpy(), [self.finish_map(a) for a in sized], extras))
         return Prediction.concat(parts)
+
+    def input_pixels(self, images: Sequence[np.ndarray]) -> torch.Tensor | None:
+        """uint8 (B, 3, S, S) on the CPU: `images` resized to the model's input as `predict` does, before
+        normalisation (the part of preprocessing a data loader worker can do); None when the backbone
+        has no separate resize step (`pixels`, `normalize`)."""
+        if not hasattr(self.backbone, "pixels"):
+            return None
+        return self.backbone.pixels(images, resize=self.resize)
 
     def finish_map(self, amap: np.ndarray) -> np.ndarray:
         """Last step on each (H, W) map at its image's own resolution (after `resize_maps`); identity
@@ -463,6 +481,15 @@ def to_arrays(images: Any, argument: str) -> list[np.ndarray]:
     if not out:
         raise ValueError(f"{argument}: no images given")
     return out
+
+
+def checked_pixels(pixels: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """`pixels` (the ``pixels`` argument of `Method.predict`) when it holds one uint8 image per input."""
+    if pixels is not None and (pixels.dtype != torch.uint8 or pixels.ndim != 4 or len(pixels) != n):
+        raise ValueError(
+            f"pixels: expected uint8 (B,3,S,S) for {n} images, got {pixels.dtype} {tuple(pixels.shape)}"
+        )
+    return pixels
 
 
 def broadcast_class_names(class_names: str | Sequence[str] | None, n: int) -> list[str]:

@@ -39,6 +39,7 @@ from anomalens.methods.base import (
     Method,
     Prediction,
     broadcast_class_names,
+    checked_pixels,
     register,
     resize_maps,
     to_arrays,
@@ -260,13 +261,17 @@ class MuSc(Method):
         class_names: str | Sequence[str] | None = None,
         support: Sequence[ImageLike] | np.ndarray | None = None,
         batch_size: int = 16,
+        *,
+        pixels: torch.Tensor | None = None,
     ) -> Prediction:
         """Score a set of ≥ 2 unlabelled images of one class against each other.
 
         ``batch_size`` only sets how many images go through the backbone at once; the scores are those
         of the whole set. ``extras["map_max"]`` holds the scores before RsCIN (the maps' maxima).
+        ``pixels``: as in `Method.predict`.
         """
         arrays = to_arrays(images, "images")
+        pixels = checked_pixels(pixels, len(arrays))
         names = set(broadcast_class_names(class_names, len(arrays)))
         if support is not None:
             raise ValueError("musc is zero-shot: it scores the images against each other (no support)")
@@ -280,7 +285,10 @@ class MuSc(Method):
         tokens: list[list[torch.Tensor]] = [[] for _ in self.taps]
         embeddings = []
         for start in range(0, len(arrays), batch_size):
-            x = self.backbone.preprocess(arrays[start : start + batch_size], resize=self.resize)
+            if pixels is None:
+                x = self.backbone.preprocess(arrays[start : start + batch_size], resize=self.resize)
+            else:
+                x = self.backbone.normalize(pixels[start : start + batch_size])
             chunk_tokens, chunk_embeddings = self.encode(x.to(self.device))
             for store, t in zip(tokens, chunk_tokens, strict=True):
                 store.append(t)
