@@ -802,3 +802,32 @@ def test_precision_errors(bb):
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
         bb.set_precision("fp16")
     assert bb.precision == "fp32"
+
+
+def test_visual_prompts_are_appended_then_replaced(bb, images):
+    """AdaCLIP's visual prompts against a naive loop over open_clip's own blocks."""
+    gen = torch.Generator().manual_seed(6)
+    first = torch.randn(3, 2, bb.width, generator=gen)  # per image
+    second = torch.randn(2, bb.width, generator=gen)  # shared
+    out = bb.encode_image(images, layers=[1, 4], prompts={1: first, 2: second})
+    visual = bb.model.visual
+    x = visual.conv1(images).flatten(2).transpose(1, 2)
+    x = torch.cat([visual.class_embedding.expand(3, 1, -1), x], dim=1) + visual.positional_embedding
+    x = visual.ln_pre(x)
+    m = x.shape[1]
+    x = torch.cat([x, first], dim=1)
+    taps = {}
+    for i, block in enumerate(_blocks(bb), start=1):
+        if i == 2:
+            x = torch.cat([x[:, :m], second.expand(3, -1, -1)], dim=1)
+        x = block(x)
+        taps[i] = x[:, :m]
+    torch.testing.assert_close(out.tokens[1], taps[1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.tokens[4], taps[4], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.final, taps[4], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.cls, visual.ln_post(x[:, 0]) @ visual.proj, atol=ATOL, rtol=0)
+    assert out.final.shape[1] == m and differ(out.final, bb.encode_image(images).final)
+    with pytest.raises(ValueError, match="same number"):
+        bb.encode_image(images, prompts={1: first, 2: second[:1]})
+    with pytest.raises(ValueError, match="prompts"):
+        bb.encode_image(images, prompts={5: second})

@@ -43,6 +43,10 @@ REFUSED = {
         "anomalyclip cannot be exported to ONNX yet: its maps are smoothed with scipy on the host "
         "(outside torch); use Method.predict"
     ),
+    "adaclip": (
+        "adaclip cannot be exported to ONNX: its image score clusters patches with scikit-learn's k-means "
+        "on the host, and its dynamic text prompts run the text tower for every image; use Method.predict"
+    ),
 }
 # Method functions whose result depends only on non-tensor arguments (class names, or none): the text
 # side. They run eagerly before tracing and their results become constants of the graph.

@@ -10,6 +10,7 @@ override is called as is, so with no overrides the outputs equal open_clip's ``e
 * ``attention[i]``: single-path attention replacement in block i ("vv" = AA-CLIP's V-V attention);
 * ``eattn``: Crane's E-Attn dual path, accumulated in the same forward pass;
 * ``values_at[i]``: the per-head values of block i (for Crane's D-Attn, see `attention_output`);
+* ``prompts[i]``: learnable visual prompt tokens appended at block i and kept to the end (AdaCLIP);
 * text: residual adapters, learnable prompt embeddings, deep prompts, a replacement projection.
 
 Nothing here monkey-patches open_clip modules; the model is frozen and always in eval mode.
@@ -418,6 +419,7 @@ class ClipBackbone(nn.Module):
         eattn: EAttnSpec | None = None,
         values_at: Mapping[int, str] | None = None,
         cls_only: bool = False,
+        prompts: Mapping[int, torch.Tensor] | None = None,
     ) -> VisualOutput:
         """One forward pass of the image tower with optional per-layer overrides (1-based layers).
 
@@ -437,6 +439,11 @@ class ClipBackbone(nn.Module):
             cls_only: the caller reads only ``cls`` (and ``branch`` / input ``values``): the last block's
                 main path computes the CLS row alone and ``final`` is (B, 1, D). Not allowed when the last
                 block is in ``layers``, ``adapters``, ``attention`` or ``values_at`` "mid".
+            prompts: learnable visual prompt tokens (AdaCLIP, VPT-deep): ``prompts[i]`` (n, D) or
+                (B, n, D) enters at the input of block i. The first prompted block appends them after the
+                patch tokens, later ones replace the n appended tokens; they stay in the sequence (as keys
+                and values) to the last block and are left out of ``tokens`` and ``final``. Not combined
+                with ``eattn`` or ``values_at``.
 
         Returns:
             `VisualOutput` (cls, final, tokens, branch, values).
@@ -444,7 +451,13 @@ class ClipBackbone(nn.Module):
         adapters = adapters or {}
         attention = attention or {}
         values_at = values_at or {}
+        prompts = prompts or {}
         self._check_layers(list(layers), "layers")
+        self._check_layers(list(prompts), "prompts")
+        if prompts and (eattn is not None or values_at):
+            raise ValueError("prompts cannot be combined with eattn or values_at")
+        if len({p.shape[-2] for p in prompts.values()}) > 1:
+            raise ValueError("prompts: every layer's prompt must have the same number of tokens")
         self._check_layers(list(adapters), "adapters")
         self._check_layers(list(attention), "attention")
         self._check_layers(list(values_at), "values_at")
@@ -472,8 +485,12 @@ class ClipBackbone(nn.Module):
         values: dict[int, torch.Tensor] = {}
         with self._autocast():
             x = self._embed(images)  # (B, M, D)
+            m = x.shape[1]  # image tokens (1 + N); appended prompt tokens follow them
             z = None
             for i, block in enumerate(self.model.visual.transformer.resblocks, start=1):
+                if i in prompts:
+                    prompt = prompts[i].to(x.dtype).expand(x.shape[0], -1, -1)  # (B, n, D)
+                    x = torch.cat([x[:, :m], prompt], dim=1)  # (B, M + n, D)
                 in_branch = eattn is not None and i >= eattn.start
                 if in_branch and i == eattn.start:
                     z = x
@@ -496,13 +513,13 @@ class ClipBackbone(nn.Module):
                 if i in adapters:
                     x = adapters[i](x)
                 if i in wanted:
-                    tokens[i] = x
+                    tokens[i] = x[:, :m]
                 if in_branch and i in eattn.taps:
                     branch[i] = z
         if eattn is not None and eattn.alias_taps:
             # Official Crane accumulates in place, so every stored tap is the final Z.
             branch = dict.fromkeys(eattn.taps, z)
-        x = x.float()  # a no-op in fp32; half-precision blocks hand float32 to projections and heads
+        x = x[:, :m].float()  # a no-op in fp32; half-precision blocks hand float32 to projections and heads
         return VisualOutput(
             cls=self.project(x[:, 0]),  # (B, embed_dim)
             final=x,
