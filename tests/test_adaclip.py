@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import anomalens as al
+from anomalens.converters.adaclip import convert
 from anomalens.methods.adaclip import (
     AdaClip,
     anomaly_map,
@@ -152,8 +153,9 @@ def test_visual_prompts_change_the_features():
 
 def test_official_compat_rounds_prompts_through_fp16():
     m = make(official_compat=True)
-    prompts = m.visual_prompts(None)
-    torch.testing.assert_close(prompts[1], m.static_visual[0].half().float(), atol=0, rtol=0)
+    prompts = m.visual_prompts(None, 2)
+    assert prompts[1].shape == (2, *m.static_visual[0].shape)
+    torch.testing.assert_close(prompts[1][1], m.static_visual[0].half().float(), atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------------- training
@@ -195,3 +197,59 @@ def test_fit_lowers_the_loss_on_synthetic_defects():
     assert history["prompts"][-1]["loss"] < history["prompts"][0]["loss"]
     pred = m.predict(np.stack([train[i].image for i in range(2)]), class_names="grain")
     assert np.isfinite(pred.scores).all()
+
+
+# ---------------------------------------------------------------------- converter
+def official_state(method: AdaClip) -> dict[str, torch.Tensor]:
+    """Our tensors in the official ``AdaCLIP_Trainer.state_dict()`` layout (the inverse mapping)."""
+    n = method.config.prompt_length
+    state = {f"clip_model.visual_prompter.static_prompts.{j}": p for j, p in enumerate(method.static_visual)}
+    state["clip_model.text_prompter.static_prompts.0"] = torch.zeros_like(method.static_text[0])
+    state.update(
+        {f"clip_model.text_prompter.static_prompts.{j + 1}": p for j, p in enumerate(method.static_text)}
+    )
+    for ours, theirs in (("dynamic_visual", "dynamic_visual"), ("dynamic_text", "dynamic_text")):
+        layer = getattr(method, ours)
+        for i, (w, b) in enumerate(zip(layer.weight.chunk(n), layer.bias.chunk(n), strict=True)):
+            state[f"clip_model.{theirs}_prompt_generator.head.{i}.weight"] = w
+            state[f"clip_model.{theirs}_prompt_generator.head.{i}.bias"] = b
+    for i, proj in enumerate(method.patch_projections):
+        state[f"clip_model.patch_token_layer.head.{i}.weight"] = proj.weight
+        state[f"clip_model.patch_token_layer.head.{i}.bias"] = proj.bias
+    state["clip_model.cls_token_layer.head.0.weight"] = method.cls_projection.weight
+    state["clip_model.cls_token_layer.head.0.bias"] = method.cls_projection.bias
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def test_converter_maps_official_layout(tmp_path):
+    source = make(prompt_length=3, prompt_depth=3)
+    with torch.no_grad():
+        for p in source.learned_parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    torch.save(official_state(source), tmp_path / "pretrained.pth")
+    converted = convert(tmp_path / "pretrained.pth", **TINY)
+    assert (converted.config.prompt_length, converted.config.prompt_depth) == (3, 3)
+    for a, b in zip(converted.learned_parameters(), source.learned_parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    images = _images(2, 4)
+    torch.testing.assert_close(
+        converted.forward_batch(images, ["object"] * 2, None)[0],
+        source.forward_batch(images, ["object"] * 2, None)[0],
+    )
+
+
+def test_converter_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        convert(tmp_path / "missing.pth", **TINY)
+    torch.save({"ctx_pos": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not an official AdaCLIP"):
+        convert(tmp_path / "other.pth", **TINY)
+    state = official_state(make())
+    del state["clip_model.patch_token_layer.head.3.weight"]
+    torch.save(state, tmp_path / "short.pth")
+    with pytest.raises(ValueError, match="patch_token_layer.head.3"):
+        convert(tmp_path / "short.pth", **TINY)
+    state = official_state(make())
+    torch.save(state, tmp_path / "ok.pth")
+    with pytest.raises(ValueError, match="shape"):
+        convert(tmp_path / "ok.pth", **{**TINY, "prompt_length": 2})

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from anomalens.methods.base import Method
 
 # Official source (the `anomalens convert --from` choices) -> converter module.
-SOURCES = {"aa-clip": "aa_clip", "crane": "crane", "inctrl": "inctrl"}
+SOURCES = {"aa-clip": "aa_clip", "adaclip": "adaclip", "crane": "crane", "inctrl": "inctrl"}
 
 
 def convert(source: str, path: str, **build_options) -> Method:

@@ -244,17 +244,21 @@ class AdaClip(Method):
         self.cls_projection = nn.Linear(embed, embed)
 
     # ------------------------------------------------------------------ prompts
-    def _round(self, prompt: torch.Tensor) -> torch.Tensor:
-        return prompt.half().float() if self.config.official_compat else prompt
+    def _round(self, prompts: dict[int, torch.Tensor], rows: int) -> dict[int, torch.Tensor]:
+        """Each prompt expanded to (rows, n, D), through fp16 with ``official_compat`` (the official
+        prompt layers round each row's tokens, so gradients are rounded per row before summing)."""
+        expanded = {j: p.expand(rows, -1, -1) for j, p in prompts.items()}
+        if not self.config.official_compat:
+            return expanded
+        return {j: p.half().float() for j, p in expanded.items()}
 
-    def visual_prompts(self, dynamic: torch.Tensor | None) -> dict[int, torch.Tensor]:
-        """{block: (B, n, width) or (n, width)} hybrid prompts of image blocks 1..J."""
+    def visual_prompts(self, dynamic: torch.Tensor | None, batch: int) -> dict[int, torch.Tensor]:
+        """{block: (B, n, width)} hybrid prompts of image blocks 1..J."""
         if "V" not in self.config.prompt_branch:
             return {}
-        static = (
-            list(self.static_visual) if self.static_visual is not None else [None] * self.config.prompt_depth
-        )
-        return {j: self._round(hybrid_prompts(s, dynamic)) for j, s in enumerate(static, start=1)}
+        depth = self.config.prompt_depth
+        static = list(self.static_visual) if self.static_visual is not None else [None] * depth
+        return self._round({j: hybrid_prompts(s, dynamic) for j, s in enumerate(static, start=1)}, batch)
 
     def text_prompts(self, dynamic: torch.Tensor | None) -> dict[int, torch.Tensor]:
         """{text block: (B, n, text_width) or (n, text_width)} hybrid prompts of text blocks 2..J."""
@@ -262,7 +266,7 @@ class AdaClip(Method):
             return {}
         depth = self.config.prompt_depth
         static = list(self.static_text) if self.static_text is not None else [None] * (depth - 1)
-        return {j: self._round(hybrid_prompts(s, dynamic)) for j, s in enumerate(static, start=2)}
+        return {j: hybrid_prompts(s, dynamic) for j, s in enumerate(static, start=2)}
 
     def text_features(self, class_names: list[str], dynamic: torch.Tensor | None) -> torch.Tensor:
         """Unit-norm [t_n, t_a] per image (B, 2, E): the prompted ensemble of each image's class.
@@ -284,6 +288,7 @@ class AdaClip(Method):
         deep = self.text_prompts(dynamic)
         if dynamic is not None:  # one prompt set per image, repeated over its sentences
             deep = {j: p.repeat_interleave(per_name, dim=0) for j, p in deep.items()}  # (C·P, n, Dt)
+        deep = self._round(deep, len(tokens))  # (C·P, n, Dt)
         text = self.backbone.encode_text(tokens, deep_prompts=deep).view(len(class_names), per_name, -1)
         normal, anomalous = text.split(counts, dim=1)  # (C, P_n, E), (C, P_a, E)
         return torch.stack([F.normalize(s.mean(dim=1), dim=-1) for s in (normal, anomalous)], dim=1)
@@ -300,7 +305,9 @@ class AdaClip(Method):
                 dyn_visual = self.dynamic_visual(frozen).view(-1, n, bb.width)  # (B, n, width)
             if self.dynamic_text is not None:
                 dyn_text = self.dynamic_text(frozen).view(-1, n, bb.text_width)  # (B, n, Dt)
-        out = bb.encode_image(images, layers=self.layers, prompts=self.visual_prompts(dyn_visual))
+        out = bb.encode_image(
+            images, layers=self.layers, prompts=self.visual_prompts(dyn_visual, len(images))
+        )
         patches = [
             F.normalize(proj(out.tokens[layer][:, 1:]), dim=-1)  # (B, N, E)
             for proj, layer in zip(self.patch_projections, self.layers, strict=True)
