@@ -413,6 +413,27 @@ def test_both_stages_learn_on_synthetic_defects():
     assert after[1] > max(0.65, before[1] + 0.2), (before, after)
 
 
+def test_training_on_some_classes_transfers_to_held_out_classes_on_anomalens_mini():
+    """Zero-shot transfer (issue 16): on the shipped anomalens-mini CLIP, AA-CLIP trained on the
+    method-training classes beats its untrained self on held-out classes that neither its training nor
+    the backbone's pre-training saw (docs/anomalens-mini.md)."""
+    from anomalens.data.captions import class_names
+
+    train = al.data.load("synthetic:transfer?n=4&seed=1", split="test", classes=class_names("train"))
+    held_out = al.data.load("synthetic:transfer?n=8&seed=0", split="test", classes=class_names("heldout"))
+    torch.manual_seed(0)
+    m = al.create("aa-clip", backbone="anomalens-mini", pretrained="anomalens-mini", device="cpu")
+    before = _summary(evaluate_method(m, held_out, progress=False))
+    schedule = {"epochs": 4, "batch_size": 8, "text.lr": 1e-3, "image.lr": 3e-3, "augment": False}
+    history = m.fit(train, seed=0, progress=False, **schedule)
+    after = _summary(evaluate_method(m, held_out, progress=False))
+    assert history["image"][-1]["loss"] < history["image"][0]["loss"]
+    # Measured (torch and fit seeds 0, 1, 2; the training images above): image AUROC
+    # 0.35 -> 0.64, 0.51 -> 0.69, 0.43 -> 0.59 (gain >= 0.16); pixel AUROC 0.36 -> 0.74, 0.42 -> 0.80,
+    # 0.43 -> 0.80 (gain >= 0.37). The bar is the issue's target, well inside that spread.
+    assert after[0] > before[0] + 0.05 and after[1] > before[1] + 0.05, (before, after)
+
+
 def test_resume_of_each_stage_is_exact(tmp_path):
     """Interrupted in stage 1 or in stage 2, a resumed run ends bitwise equal to an uninterrupted one."""
     data = al.data.load("synthetic:defects?n=2&size=64&seed=1", split="test", classes=["grain"])

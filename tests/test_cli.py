@@ -355,31 +355,44 @@ def test_train_shots_follow_the_method_and_amp_is_opt_in(capsys, mvtec_root, tmp
 
 
 def test_demo_trains_evaluates_and_reports_honestly(capsys, tmp_path, monkeypatch):
+    """The demo trains on the method-training classes and evaluates on held-out ones, on anomalens-mini."""
     from anomalens import demo
+    from anomalens.data.captions import class_names
 
-    monkeypatch.setitem(demo.DEMO_SETTINGS, "april-gan", ({"image_size": 32}, {"epochs": 1}))
+    monkeypatch.setitem(demo.DEMO_SETTINGS, "aa-clip", ({}, {"epochs": 1, "batch_size": 8}))
     out_dir = tmp_path / "demo"
-    argv = ["demo", "--method", "april-gan", "--n", "2", "--size", "32", "--classes", "disc,tile"]
-    argv += ["--out", str(out_dir)]
+    argv = ["demo", "--method", "aa-clip", "--n", "2", "--classes", "star,plaid", "--out", str(out_dir)]
     code, out, err = run(capsys, *argv)
     trained = json.loads((out_dir / "results.json").read_text())
     untrained = json.loads((out_dir / "untrained" / "results.json").read_text())
-    assert trained["method"] == untrained["method"] == "april-gan" and trained["pretrained"] is None
-    assert trained["timing"]["images"] == 8  # 2 classes x (2 normal + 2 anomalous), unseen in training
-    assert set(trained["datasets"]["synthetic:defects"]["classes"]) == {"disc", "tile"}
+    zero_shot = json.loads((out_dir / "winclip" / "results.json").read_text())
+    assert trained["method"] == untrained["method"] == "aa-clip" and zero_shot["method"] == "winclip"
+    assert trained["pretrained"] == untrained["pretrained"] == zero_shot["pretrained"] == "anomalens-mini"
+    assert trained["timing"]["images"] == 8  # 2 held-out classes x (2 normal + 2 anomalous)
+    assert set(trained["datasets"]["synthetic:transfer"]["classes"]) == {"star", "plaid"}
     assert (out_dir / "model.anomalens").is_file() and (out_dir / "train_log.jsonl").is_file()
-    assert "| trained | synthetic:defects |" in (out_dir / "results.md").read_text()
+    assert "| aa-clip trained | synthetic:transfer (held-out) |" in (out_dir / "results.md").read_text()
     assert (out_dir / "report.html").read_text().count("data:image/png;base64,") >= 4
-    assert "RANDOM-WEIGHT backbone" in out
-    assert "anomalens train --method april-gan --data visa:/data/visa --pretrained openai" in out
-    assert "anomalens eval --checkpoint runs/april-gan/model.anomalens --data mvtec:/data/mvtec" in out
-    image_auroc = trained["datasets"]["synthetic:defects"]["mean"]["image_auroc"]
-    for label, results in (("untrained", untrained), ("trained", trained)):
-        mean = results["datasets"]["synthetic:defects"]["mean"]
+    assert "TOY CLIP" in out and ", ".join(class_names("train")) in out
+    assert "anomalens train --method aa-clip --data visa:/data/visa --pretrained openai" in out
+    assert "anomalens eval --checkpoint runs/aa-clip/model.anomalens --data mvtec:/data/mvtec" in out
+    image_auroc = trained["datasets"]["synthetic:transfer"]["mean"]["image_auroc"]
+    for label, results in (
+        ("winclip zero-shot", zero_shot),
+        ("aa-clip untrained", untrained),
+        ("aa-clip trained", trained),
+    ):
+        mean = results["datasets"]["synthetic:transfer"]["mean"]
         cells = f"{100 * mean['image_auroc']:.1f} | {100 * mean['pixel_auroc']:.1f}"
-        assert f"| {label} | synthetic:defects | {cells} |" in out
+        assert f"| {label} | synthetic:transfer (held-out) | {cells} |" in out
     # The exit code is the honest check: non-zero unless the trained model beats chance.
     assert code == (0 if image_auroc > 0.5 else 1), err
+
+
+def test_demo_rejects_a_class_that_is_not_held_out(capsys, tmp_path):
+    code, _, err = run(capsys, "demo", "--classes", "star,gear", "--out", str(tmp_path / "demo"))
+    assert code == 1 and "--classes: gear" in err and "honeycomb" in err
+    assert not (tmp_path / "demo").exists()
 
 
 def test_eval_generalist_protocol(capsys, mvtec_root, tmp_path):

@@ -328,15 +328,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-size", type=int, default=2048, help="side of the matmul-throughput probe")
     p.add_argument("--out", default="runs/bench")
 
-    p = command("demo", cmd_demo, "offline end-to-end demo on synthetic data (CPU, a few minutes)")
+    p = command(
+        "demo",
+        cmd_demo,
+        "offline demo: zero-shot transfer to unseen synthetic classes (anomalens-mini, CPU, ~1 min)",
+    )
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--method", help=f"trainable method (default the first of {', '.join(DEMO_METHODS)})")
     p.add_argument("--epochs", type=int, help="override the demo schedule")
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--n", type=int, default=16, help="synthetic images per class and label")
-    p.add_argument("--size", type=int, default=64, help="synthetic image side")
-    p.add_argument("--classes", type=_names, help="subset of the synthetic classes (default all five)")
+    p.add_argument("--size", type=int, default=48, help="synthetic image side")
+    p.add_argument(
+        "--classes", type=_names, help="subset of the held-out classes to evaluate on (default all six)"
+    )
 
     p = command("data", cmd_data, "describe a dataset spec and verify that every image and mask decodes")
     p.add_argument("spec", help="dataset spec, e.g. mvtec:/data/mvtec")
