@@ -13,13 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import anomalens.data as al_data
 from anomalens.calibrate import calibrate, threshold_f1, threshold_from_normals
+from anomalens.engine import distributed
 from anomalens.evaluation import evaluate_method, markdown_table, write_results
 from anomalens.methods.base import Method
 from anomalens.protocols import run_protocol
+from conftest import write_mvtec_tree
 
 DESIGN_KEYS = {"method", "backbone", "pretrained", "protocol", "seed", "support_files", "datasets", "timing"}
 IMAGE_METRICS = {"image_auroc", "image_ap", "image_f1_max"}
@@ -296,3 +299,103 @@ def test_calibrate_sets_the_method_threshold(mvtec_root):
     assert method.threshold == pytest.approx(expected) and result.f1 == pytest.approx(f1)
     with pytest.raises(ValueError, match="either images"):
         calibrate(method)
+
+
+# ---------------------------------------------------------------------- torchrun: sharded eval and detect
+TINY = ["--backbone", "test-tiny", "--pretrained", "none", "--set", "image_size=64", "--device", "cpu"]
+
+
+def _sharded_worker(rank: int, world: int, port: int, root: str, inputs: str, out: str) -> None:
+    """`anomalens eval` and `detect` alone (before joining the group), then as under torchrun; the files
+    written and how many images each process scored go to `out`."""
+    torch.set_num_threads(1)
+    from anomalens import cli
+    from anomalens.methods.base import Method
+    from anomalens.methods.musc import MuSc
+
+    scored: dict[str, list[int]] = {"aa-clip": [], "musc": []}
+    for cls, name in ((Method, "aa-clip"), (MuSc, "musc")):  # count the images of each predict call
+        predict = cls.predict
+        cls.predict = lambda self, images, *a, _n=name, _p=predict, **k: (
+            scored[_n].append(len(images)) or _p(self, images, *a, **k)
+        )
+
+    def run(folder: str) -> None:
+        common = ["--batch-size", "2", "--workers", "0", "--quiet", *TINY]
+        for method in ("aa-clip", "musc"):  # image-level with extras; set-level
+            argv = ["eval", "--method", method, "--data", f"mvtec:{root}", "--out", f"{folder}/{method}"]
+            assert cli.main([*argv, *common]) == 0
+        detect = ["detect", inputs, "--method", "aa-clip", "--out", f"{folder}/detect", *common]
+        assert cli.main(detect) == 1  # one unreadable input: reported, the others scored
+
+    run(f"{out}/alone{rank}")
+    for counts in scored.values():
+        counts.clear()
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    try:
+        run(f"{out}/sharded")  # the CLI joins the group torchrun's variables describe
+        assert distributed.world_size() == world
+    finally:
+        distributed.cleanup()
+    Path(f"{out}/scored{rank}.json").write_text(json.dumps(scored))
+
+
+def test_torchrun_shards_eval_and_detect_and_merges_exactly(tmp_path):
+    """2 processes over gloo write the files one process writes (timing aside), heatmaps included."""
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    root = write_mvtec_tree(tmp_path / "mvtec")
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(inputs / f"{i}.png")
+    (inputs / "2b.png").write_bytes(b"not a png")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = (2, port, str(root), str(inputs), str(tmp_path))
+    context = mp.start_processes(_sharded_worker, args=args, nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("distributed workers did not finish in 300 s")
+
+    def results(folder: Path) -> dict:
+        document = json.loads((folder / "results.json").read_text())
+        assert document.pop("timing")["images"] == 8
+        return document
+
+    alone, sharded = tmp_path / "alone0", tmp_path / "sharded"
+    for method in ("aa-clip", "musc"):
+        # aa-clip's set-level table scores read the merged extras ("image_term") of the whole class
+        assert results(sharded / method) == results(alone / method) == results(tmp_path / "alone1" / method)
+        assert (sharded / method / "results.md").read_text() == (alone / method / "results.md").read_text()
+    csv_text = (sharded / "detect" / "scores.csv").read_text()
+    assert csv_text == (alone / "detect" / "scores.csv").read_text()
+    assert [line.split(",")[0].rsplit("/", 1)[1] for line in csv_text.splitlines()[1:]] == [
+        f"{i}.png" for i in range(5)
+    ]
+    pngs = sorted(p.name for p in (alone / "detect" / "heatmaps").iterdir())
+    assert pngs == [f"{i}.png" for i in range(5)]
+    for name in pngs:  # both processes wrote into one folder what one process writes
+        assert (sharded / "detect" / "heatmaps" / name).read_bytes() == (
+            alone / "detect" / "heatmaps" / name
+        ).read_bytes()
+    # aa-clip, batch 2: each process scored every other batch of 2 (2 of the 4 test images of each
+    # class; of the 6 detect inputs, rank 0 batches [0, 1] and [3, 4], rank 1 [2, 2b] minus the
+    # unreadable 2b); musc: one whole class of 4 images each.
+    scored = [json.loads((tmp_path / f"scored{r}.json").read_text()) for r in range(2)]
+    assert [r["aa-clip"] for r in scored] == [[2, 2, 2, 2], [2, 2, 1]]
+    assert [r["musc"] for r in scored] == [[4], [4]]

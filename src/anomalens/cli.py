@@ -48,8 +48,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_detect(args: argparse.Namespace) -> int:
     from anomalens.detect import detect
 
+    main = _join_torchrun()
     model = _onnx_model(args.onnx, args) if args.onnx else _model(args)
     result = _call(detect, args, model=model)
+    if not main:  # every process holds the merged result; rank 0 reports it
+        return 1 if result.failures else 0
     if len(result.rows) <= SHOWN_ROWS:
         for path, score, verdict in result.rows:
             print("\t".join([f"{score:.6g}", *([verdict] if verdict else []), path]))
@@ -110,9 +113,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     for spec in args.data:  # a mistyped spec fails before a large model is loaded
         al_data.parse_spec(spec)
+    main = _join_torchrun()
     model = _model(args)
     options = dict(method=model, dataset_or_specs=args.data)
     results = _call(run_eval, args, run_protocol, evaluate_method, **options)
+    if not main:
+        return 0
     print(markdown_table(results))
     print(f"results: {Path(args.out) / 'results.json'} and {Path(args.out) / 'results.md'}")
     if args.report:
@@ -487,6 +493,19 @@ def _precision_option(parser: argparse.ArgumentParser) -> None:
         default="fp32",
         help="image tower at inference: bf16/fp16 autocast (fp16 GPU only), int8 dynamic quantisation (CPU)",
     )
+
+
+def _join_torchrun() -> bool:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1), so that `eval`/`detect` shard
+    their images over the processes; True on the process that prints (rank 0, or no torchrun)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    from anomalens.engine import distributed
+
+    distributed.setup()
+    return distributed.is_main()
 
 
 def _workers_option(parser: argparse.ArgumentParser) -> None:

@@ -115,13 +115,17 @@ def detect(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = Detection(out / "scores.csv")
-    names: set[str] = set()
+    taken: set[str] = set()
+    pngs = {f: out / "heatmaps" / f"{_unique_stem(Path(f).stem, taken)}.png" for f in files}
+    rank, shard = _shard(len(files), batch_size)  # under torchrun: the files this process scores
+    mine = files if shard is None else [files[i] for i in shard]
     written: deque[Future[Path]] = deque()  # heatmaps being written, in order
-    bar = tqdm(total=len(files), desc="detect", unit="img", disable=not progress, leave=False)
+    main = rank == 0  # the process that writes scores.csv
+    bar = tqdm(total=len(mine), desc="detect", unit="img", disable=not (progress and main), leave=False)
     with bar, ThreadPoolExecutor(max_workers=1) as writer:
         for samples, pred in predict_batches(
             model,
-            image_files(files, class_name),
+            image_files(mine, class_name),
             support=support_files,
             batch_size=batch_size,
             errors=result.failures,
@@ -132,11 +136,14 @@ def detect(
                 verdict = None if threshold is None else ("anomalous" if score > threshold else "normal")
                 result.rows.append((sample.path, float(score), verdict))
                 if heatmaps:
-                    png = out / "heatmaps" / f"{_unique_stem(Path(sample.path).stem, names)}.png"
-                    written.append(writer.submit(write_heatmap, sample.image, amap, alpha, png))
+                    written.append(writer.submit(write_heatmap, sample.image, amap, alpha, pngs[sample.path]))
             while len(written) > 2 * batch_size:  # bound the images waiting for the writer
                 result.heatmaps.append(written.popleft().result())
         result.heatmaps.extend(f.result() for f in written)
+    if shard is not None:
+        _merge_shards(result, mine, shard)
+        if not main:
+            return result
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "score"] + ([] if threshold is None else ["verdict"]))
@@ -154,6 +161,33 @@ def write_heatmap(image: np.ndarray, amap: np.ndarray, alpha: float, path: Path)
     in_unit = float(amap.min()) >= 0.0 and float(amap.max()) <= 1.0
     vmin, vmax = (0.0, 1.0) if in_unit else (None, None)
     return save_png(overlay(image, amap, alpha, vmin, vmax), path)
+
+
+def _shard(n: int, batch_size: int) -> tuple[int, list[int] | None]:
+    """This process's rank and, under torchrun, the indices of the n files it scores (whole batches
+    of them, `distributed.shard`); (0, None) outside a group of several processes."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return 0, None
+    from anomalens.engine import distributed  # loads the training engine: only under torchrun
+
+    return distributed.rank(), distributed.shard(n, batch_size)
+
+
+def _merge_shards(result: Detection, mine: list[str], shard: list[int]) -> None:
+    """Every process's rows, heatmaps and failures into `result` on every process, in the order of
+    the files, as one process lists them. `mine`: this process's files, ``shard`` their indices."""
+    from anomalens.engine import distributed
+
+    rows = {row[0]: row for row in result.rows}
+    pngs = dict(zip(rows, result.heatmaps, strict=False))  # empty without heatmaps
+    failures = iter(result.failures)  # one message per unreadable file, in order
+    outcomes = [(rows[f], pngs.get(f), None) if f in rows else (None, None, next(failures)) for f in mine]
+    merged = distributed.gather_items(outcomes, shard)
+    result.rows = [row for row, _, _ in merged if row is not None]
+    result.heatmaps = [png for _, png, _ in merged if png is not None]
+    result.failures = [message for _, _, message in merged if message is not None]
 
 
 def _unique_stem(stem: str, taken: set[str]) -> str:

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from anomalens import data as al_data
+from anomalens.contracts import Prediction
 from anomalens.data.types import Dataset
 from anomalens.inference import predict_dataset
 from anomalens.methods.base import Method
@@ -106,6 +107,8 @@ def evaluate_method(
         "support_files": {},
         "datasets": {},
     }
+    shards = Shards(method.set_level, batch_size)
+    show = progress and shards.main
     n_images, seconds = 0, 0.0
     for item in items:
         dataset = al_data.load(item, split, classes) if isinstance(item, str) else item
@@ -121,37 +124,103 @@ def evaluate_method(
                 )
             results["support_files"][name] = {}
         per_class: dict[str, dict[str, float | None]] = {}
-        bar = tqdm(total=len(dataset), desc=f"eval {name}", unit="img", disable=not progress, leave=False)
-        for cls in dataset.class_names:
-            support = None
-            if support_source is not None:
-                idx = al_data.sample_support(support_source, shots, support_seed, cls)
-                results["support_files"][name][cls] = [support_source.records[i].path for i in idx]
-                support = [support_source[i].image for i in idx]
-            indices = [i for i, r in enumerate(dataset.records) if r.class_name == cls]
+        bar = tqdm(total=len(dataset), desc=f"eval {name}", unit="img", disable=not show, leave=False)
+        for group in shards.class_groups(dataset.class_names):
             start = time.perf_counter()
-            prediction, masks = predict_dataset(
-                method,
-                dataset.subset(indices),
-                support=support,
-                batch_size=batch_size,
-                on_batch=bar.update,
-                workers=workers,
-            )
-            scores = np.asarray(method.set_scores(prediction, [cls] * len(indices)), dtype=np.float64)
+            scored = []  # per class: its dataset indices, the positions scored here, their results
+            for position, cls in enumerate(group):
+                support = idx = None
+                if support_source is not None:
+                    idx = al_data.sample_support(support_source, shots, support_seed, cls)
+                    results["support_files"][name][cls] = [support_source.records[i].path for i in idx]
+                indices = [i for i, r in enumerate(dataset.records) if r.class_name == cls]
+                mine = shards.items(len(indices), position)  # positions in `indices` scored here
+                local: tuple[Prediction | None, list] = (None, [])
+                if mine:
+                    if support_source is not None:
+                        support = [support_source[i].image for i in idx]
+                    local = predict_dataset(
+                        method,
+                        dataset.subset([indices[i] for i in mine]),
+                        support=support,
+                        batch_size=batch_size,
+                        on_batch=bar.update,
+                        workers=workers,
+                    )
+                scored.append((indices, mine, local))
             seconds += time.perf_counter() - start
-            n_images += len(indices)
-            labels = np.array([dataset.records[i].label for i in indices], dtype=np.int64)
-            maps = list(prediction.maps)
-            if eval_resolution == "model":
-                maps, masks = _to_model_resolution(method, maps, masks)
-            per_class[cls] = class_metrics(labels, scores, masks, maps, aupro_variant)
-            if on_class is not None:
-                on_class(ClassResult(name, cls, dataset, indices, labels, scores, maps, per_class[cls]))
+            for cls, (indices, mine, local) in zip(group, scored, strict=True):
+                start = time.perf_counter()
+                prediction, masks = shards.gather(local, mine)
+                scores = np.asarray(method.set_scores(prediction, [cls] * len(indices)), dtype=np.float64)
+                seconds += time.perf_counter() - start
+                n_images += len(indices)
+                labels = np.array([dataset.records[i].label for i in indices], dtype=np.int64)
+                maps = list(prediction.maps)
+                if eval_resolution == "model":
+                    maps, masks = _to_model_resolution(method, maps, masks)
+                per_class[cls] = class_metrics(labels, scores, masks, maps, aupro_variant)
+                if on_class is not None and shards.main:
+                    on_class(ClassResult(name, cls, dataset, indices, labels, scores, maps, per_class[cls]))
         bar.close()
         results["datasets"][name] = {"classes": per_class, **mean_over_classes(per_class)}
     results["timing"] = timing(n_images, seconds, str(method.device))
     return results
+
+
+def main_process() -> bool:
+    """False on the processes of a torchrun group other than rank 0 (which alone writes files)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class Shards:
+    """How the processes of a torchrun job share an evaluation (one process: it scores everything).
+
+    An image-level method scores one class at a time, each process every world_size-th batch of it
+    (`distributed.shard`: the batches one process forms, so the scores are the same bit for bit); a
+    set-level method (MuSc) scores a group of world_size classes at a time, one whole class per process,
+    since its scores depend on the whole set. `gather` then gives every process the class's predictions
+    and masks in dataset order, so the metrics equal one process's.
+    """
+
+    def __init__(self, set_level: bool, batch_size: int):
+        import torch.distributed as dist
+
+        self.set_level, self.batch_size = set_level, batch_size
+        self.distributed = None  # the engine's `distributed` module inside a group of > 1 processes
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from anomalens.engine import distributed  # loads the training engine: only under torchrun
+
+            self.distributed = distributed
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.main = self.rank == 0
+
+    def class_groups(self, classes: Sequence[str]) -> list[list[str]]:
+        """Classes scored together, in order."""
+        step = self.world if self.set_level else 1
+        return [list(classes[i : i + step]) for i in range(0, len(classes), step)]
+
+    def items(self, n: int, position: int) -> list[int]:
+        """Which of the n images of the class at `position` in its group this process scores."""
+        if self.distributed is None:
+            return list(range(n))
+        if self.set_level:
+            return list(range(n)) if position == self.rank else []
+        return self.distributed.shard(n, self.batch_size)
+
+    def gather(
+        self, local: tuple[Prediction | None, list[np.ndarray | None]], mine: list[int]
+    ) -> tuple[Prediction, list[np.ndarray | None]]:
+        """The prediction and masks of all the class's images from each process's share."""
+        prediction, masks = local
+        if self.distributed is None:
+            assert prediction is not None  # one process scores every image
+            return prediction, masks
+        gathered = self.distributed.gather_predictions(prediction, mine)
+        return gathered, self.distributed.gather_items(masks, mine)
 
 
 def timing(images: int, seconds: float, device: str) -> dict[str, Any]:

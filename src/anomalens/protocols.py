@@ -96,7 +96,7 @@ def run_eval(
 ) -> dict:
     """`run_protocol`, then ``results.json`` and ``results.md`` in `out` and, with `report`,
     ``report.html``: heatmaps of the best and worst cases of each class (of the first K and draw)."""
-    from anomalens.evaluation import ClassResult, write_results
+    from anomalens.evaluation import ClassResult, main_process, write_results
     from anomalens.viz import ClassReport, class_report, html_report
 
     collected: dict[tuple[str, str], ClassReport] = {}
@@ -107,6 +107,8 @@ def run_eval(
 
     on_class = collect if report else None
     results = run_protocol(protocol, method, dataset_or_specs, on_class=on_class, **options)
+    if not main_process():  # under torchrun every process holds the results; rank 0 writes them
+        return results
     write_results(results, out)
     if report:
         title = f"anomalens eval: {method.name}, {results['protocol']}"

@@ -16,8 +16,9 @@ process steps from the same point and stays bitwise identical; learned buffers (
 statistics, which training-mode forwards do not read) are broadcast from rank 0 at each epoch end, as
 DDP's ``broadcast_buffers`` would. Only rank 0 logs, shows progress and writes checkpoints.
 
-Evaluation: each process scores `shard(n)` of the set and `gather_predictions` reassembles the full
-`Prediction`, in the original order, on every process.
+Evaluation (`anomalens eval`/`detect` under torchrun): each process scores `shard(n, batch_size)` of
+a set, whole batches of it, and `gather_predictions` / `gather_items` reassemble the full `Prediction`
+and the per-item values in the original order on every process, so the results equal one process's.
 """
 
 from __future__ import annotations
@@ -136,22 +137,37 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def shard(n: int) -> list[int]:
-    """Indices of an n-item evaluation set that this process scores: every world_size-th from its rank."""
-    return list(range(rank(), n, world_size()))
+def shard(n: int, batch_size: int = 1) -> list[int]:
+    """Indices of an n-item evaluation set that this process scores: of the set's consecutive batches of
+    `batch_size` items, every world_size-th from its rank. Each batch is then the batch one process
+    forms, so per-item results are those of one process bit for bit (a batched matmul's rounding may
+    depend on what else is in the batch)."""
+    starts = range(rank() * batch_size, n, world_size() * batch_size)
+    return [i for start in starts for i in range(start, min(start + batch_size, n))]
 
 
-def gather_predictions(prediction: Prediction, indices: Sequence[int]) -> Prediction:
-    """Reassemble each process's `prediction` of items `indices` (usually `shard(n)`) into one
-    `Prediction` of all items in index order, returned on every process."""
+def gather_predictions(prediction: Prediction | None, indices: Sequence[int]) -> Prediction:
+    """Reassemble each process's `prediction` of items `indices` (usually `shard(n, batch_size)`; None
+    for a process with no items) into one `Prediction` of all items in index order, extras included,
+    returned on every process."""
     parts = all_gather_objects((list(indices), prediction))
-    order = np.array([i for idx, _ in parts for i in idx], dtype=np.int64)
-    if len(order) != len(set(order.tolist())) or (len(order) and order.max() != len(order) - 1):
-        raise ValueError("gather_predictions: the processes' indices do not partition 0..n-1")
-    scores = np.concatenate([p.scores for _, p in parts])
-    maps = [m for _, p in parts for m in p.maps]
-    perm = np.argsort(order, kind="stable")
-    ordered = [maps[i] for i in perm]
-    if len({m.shape for m in ordered}) == 1:
-        return Prediction(scores[perm], np.stack(ordered))
-    return Prediction(scores[perm], ordered)
+    order = _partition([i for idx, _ in parts for i in idx])
+    whole = Prediction.concat([p for idx, p in parts if idx])
+    maps = [whole.maps[i] for i in order]
+    stacked = np.stack(maps) if len({m.shape for m in maps}) == 1 else maps
+    return Prediction(whole.scores[order], stacked, {k: v[order] for k, v in whole.extras.items()})
+
+
+def gather_items(items: Sequence[Any], indices: Sequence[int]) -> list[Any]:
+    """Like `gather_predictions` for any picklable per-item values (e.g. masks): all items in index
+    order, on every process."""
+    parts = all_gather_objects((list(indices), list(items)))
+    flat = [item for _, part in parts for item in part]
+    return [flat[i] for i in _partition([i for idx, _ in parts for i in idx])]
+
+
+def _partition(order: list[int]) -> np.ndarray:
+    """The permutation that sorts the gathered `order`; an error unless it is exactly 0..n-1."""
+    if sorted(order) != list(range(len(order))):
+        raise ValueError("gather: the processes' indices do not partition 0..n-1")
+    return np.argsort(np.array(order, dtype=np.int64), kind="stable")
