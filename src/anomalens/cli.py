@@ -106,6 +106,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from anomalens.reproduce import markdown, reproduce
+
+    pairs = [w.partition("=") for w in args.weights or []]
+    weights = {k: v for k, sep, v in pairs if sep} if all(sep for _, sep, _ in pairs) else args.weights
+    options, train_options = _parse_options(args.options), _parse_options(args.train_options, "--train-set")
+    result = _call(reproduce, args, weights=weights, options=options, train_options=train_options)
+    print(markdown(result["method"], result["rows"]))
+    print(f"results: {Path(args.out) / 'results.json'} and {Path(args.out) / 'table.md'}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import anomalens.data as al_data
     from anomalens.evaluation import evaluate_method, markdown_table
@@ -304,6 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", type=_names, help="comma-separated training stages to run (default all)")
     p.add_argument("--normal-only", action="store_true", help="train on normal images (CoRe-CLIP C.1)")
     _pairs(p, "--train-set", "train_options", "option for every stage (lr=1e-4) or one (image.lr=1e-4)")
+
+    p = command(
+        "reproduce", cmd_reproduce, "a method's paper protocol end to end, beside the published table"
+    )
+    p.add_argument("method", help="aa-clip, crane, crane+, inctrl, inctrlv2 or core-clip")
+    p.add_argument("--data-root", required=True, help="folder with mvtec/, visa/ (and caad/ for core-clip)")
+    p.add_argument(
+        "--weights", action="append", help="converted official checkpoint: DATASET=FILE (dataset trained on)"
+    )
+    p.add_argument("--backbone", help="backbone name (default: the method's)")
+    p.add_argument("--pretrained", type=_pretrained, default="default", help="'none' = random weights")
+    _pairs(p, "--set", "options", "method option on top of the recipe's")
+    _pairs(p, "--train-set", "train_options", "training option on top of the recipe's (epochs=1)")
+    p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
+    p.add_argument("--out", default="runs/reproduce")
 
     p = command("eval", cmd_eval, "evaluate a checkpoint or method: results.json, markdown table, report")
     _model_options(p)
