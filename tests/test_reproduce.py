@@ -57,6 +57,7 @@ def test_aa_clip_trains_each_direction_and_writes_the_table(aa_clip_run):
     assert json.loads((out / "results.json").read_text())["rows"] == result["rows"]
     table = (out / "table.md").read_text()
     assert "| mvtec | — | image_auroc |" in table and "paper 002 Table 2" in table and "CVPR 2025" in table
+    assert "| measured | published (paper) |" in table and "not measured here" in table
 
 
 def test_official_weights_are_evaluated_without_training(aa_clip_run, data_root, tmp_path):
@@ -80,9 +81,10 @@ def test_inctrl_generalist_protocol_k_1_2_4_over_three_draws(data_root, tmp_path
     assert visa["shots"] == [1, 2, 4] and visa["seeds"] == [0, 1, 2]
     assert set(visa["datasets"]) == {"visa/1-shot", "visa/2-shot", "visa/4-shot"}
     row = next(
-        r for r in result["rows"] if (r["dataset"], r["shots"], r["metric"]) == ("visa", 4, "image_auroc")
+        r for r in result["rows"] if (r["dataset"], r["shots"], r["metric"]) == ("visa", 4, "image_ap")
     )
-    assert row["measured"] == round(100 * visa["datasets"]["visa/4-shot"]["mean"]["image_auroc"], 1)
+    assert row["value"] == 90.2  # paper 001 Table 2 (4-shot), InCTRL
+    assert row["measured"] == round(100 * visa["datasets"]["visa/4-shot"]["mean"]["image_ap"], 1)
 
 
 def test_core_clip_trains_one_model_per_n_shot(data_root, tmp_path):
@@ -96,15 +98,32 @@ def test_core_clip_trains_one_model_per_n_shot(data_root, tmp_path):
     assert all(r["measured"] is not None for r in result["rows"])
 
 
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("crane", {"image_size": 64}),
+        ("crane+", {"image_size": 64, "dino": "test-tiny-dino"}),
+        ("inctrlv2", {}),
+    ],
+)
+def test_other_protocols_run_end_to_end(method, options, data_root, tmp_path):
+    train = {"epochs": 1, "max_steps_per_epoch": 1, "batch_size": 4}
+    result = reproduce(method, data_root, tmp_path, options=options, train_options=train, **TINY)
+    assert set(result["legs"]) == {"mvtec-to-visa", "visa-to-mvtec"}
+    assert result["rows"] and all(r["measured"] is not None for r in result["rows"])
+
+
 def test_compare_matches_dataset_and_shots():
     protocol = Protocol("inctrl", "official", (Leg("mvtec", "visa", eval_shots=(1, 2, 4)),))
     doc = {
-        "datasets": {f"visa/{k}-shot": {"mean": {"image_auroc": k / 10, "image_ap": 0.5}} for k in (1, 2, 4)}
+        "datasets": {
+            f"visa/{k}-shot": {"mean": {"image_auroc": k / 10, "image_ap": k / 20}} for k in (1, 2, 4)
+        }
     }
     rows = compare("inctrl", protocol, {"mvtec-to-visa": doc})
     measured = {(r["shots"], r["metric"]): r["measured"] for r in rows if r["dataset"] == "visa"}
-    assert measured[(1, "image_auroc")] == 10.0 and measured[(4, "image_auroc")] == 40.0
-    assert measured[(2, "image_ap")] == 50.0
+    assert measured[(1, "image_auroc")] == 10.0 and measured[(1, "image_ap")] == 5.0
+    assert measured[(2, "image_ap")] == 10.0 and measured[(4, "image_ap")] == 20.0
     assert all(r["measured"] is None for r in rows if r["dataset"] == "mvtec")  # leg not run
 
 

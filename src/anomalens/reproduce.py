@@ -214,7 +214,9 @@ def markdown(method: str, rows: Sequence[Mapping[str, Any]]) -> str:
     lines = [
         f"# `anomalens reproduce {method}`: measured vs published",
         "",
-        "| dataset | K / N | metric | measured | published | source |",
+        "measured: this run; published: the paper's own number (cited per row), not measured here.",
+        "",
+        "| dataset | K / N | metric | measured | published (paper) | source |",
         "| --- | ---: | --- | ---: | ---: | --- |",
     ]
     for r in rows:
