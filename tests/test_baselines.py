@@ -157,7 +157,8 @@ def test_patchcore_scores_and_coreset_size():
     query = full.backbone.preprocess(list(_images(1, 1)))
     features = full.patch_features(query)[0]
     bank = full.prepare_support(full.backbone.preprocess(list(support)))
-    scores, maps = full.forward_batch(query, ["object"], bank)
+    out = full.forward_batch(query, ["object"], bank)
+    scores, maps = out.scores, out.maps
     naive = torch.cdist(features.double(), bank.double()).amin(dim=1)
     assert float(scores[0]) == pytest.approx(float(naive.max()), rel=1e-4)
     assert maps.shape == (1, 64, 64)

@@ -286,7 +286,8 @@ def test_single_branch_scores_and_maps_follow_eq30_31():
     assert m.crm is None and len(m.csr[0].modules_per_branch) == 1
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
-        scores, maps = m.forward_batch(x, ["cow", "boat"], None)
+        out = m.forward_batch(x, ["cow", "boat"], None)
+        scores, maps = out.scores, out.maps
         feats = m.encode_branches(x[None])
         text = m.frozen_text(["cow", "boat"])
     cos = compatibility(feats.cls, text)[:, 0]  # (B, 2)

@@ -214,19 +214,19 @@ def test_dattn_official_compat_is_batch_dependent(make, images):
 def test_score_pooling_switch(make, images):
     """Table 3.a: without pooling the image score is p_a(g_i)."""
     m = make(score_pooling="none")
-    scores, _ = m.forward_batch(images, ["object"] * 3, None)
+    scores = m.forward_batch(images, ["object"] * 3, None).scores
     with torch.no_grad():
         g_i = m.visual_features(images).global_embedding
         expected = anchor_probability(g_i, m.text_features(None), 1.0 / 0.07)
     torch.testing.assert_close(scores, expected)
-    official, _ = make().forward_batch(images, ["object"] * 3, None)
-    paper, _ = make(score_pooling="paper").forward_batch(images, ["object"] * 3, None)
+    official = make().forward_batch(images, ["object"] * 3, None).scores
+    paper = make(score_pooling="paper").forward_batch(images, ["object"] * 3, None).scores
     assert differ(official, scores) and differ(paper, official)
 
 
 def test_soft_mean_switch_changes_maps(make, images):
-    _, soft = make().forward_batch(images, ["object"] * 3, None)
-    _, hard = make(soft_mean=False).forward_batch(images, ["object"] * 3, None)
+    soft = make().forward_batch(images, ["object"] * 3, None).maps
+    hard = make(soft_mean=False).forward_batch(images, ["object"] * 3, None).maps
     assert soft.shape == (3, SIZE, SIZE) and differ(soft, hard)
 
 
@@ -239,8 +239,8 @@ def test_image_context_in_prompts(make, images):
     assert static.shape == (1, 2, 64) and conditioned.shape == (3, 2, 64)
     assert differ(conditioned[0], conditioned[1])
     assert differ(conditioned, after_name)
-    off, _ = m.forward_batch(images, ["object"] * 3, None)
-    on, _ = make(context_at_test=True).forward_batch(images, ["object"] * 3, None)
+    off = m.forward_batch(images, ["object"] * 3, None).scores
+    on = make(context_at_test=True).forward_batch(images, ["object"] * 3, None).scores
     assert differ(off, on)
 
 
@@ -323,12 +323,9 @@ def test_save_load_round_trip_with_dattn(make, images, tmp_path):
             p.add_(0.05 * torch.randn_like(p))
     loaded = al.load(m.save(tmp_path / "plus.anomalens"), device="cpu")
     assert loaded.config == m.config and loaded.dino is not None
-    for a, b in zip(
-        m.forward_batch(images, ["object"] * 3, None),
-        loaded.forward_batch(images, ["object"] * 3, None),
-        strict=True,
-    ):
-        torch.testing.assert_close(a, b)
+    a, b = (model.forward_batch(images, ["object"] * 3, None) for model in (m, loaded))
+    torch.testing.assert_close(a.scores, b.scores)
+    torch.testing.assert_close(a.maps, b.maps)
 
 
 # ---------------------------------------------------------------------- converter
@@ -358,8 +355,8 @@ def test_converter_maps_official_layout(make, images, tmp_path):
     for a, b in zip(converted.prompt_parameters(), source.prompt_parameters(), strict=True):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(
-        converted.forward_batch(images, ["object"] * 3, None)[0],
-        source.forward_batch(images, ["object"] * 3, None)[0],
+        converted.forward_batch(images, ["object"] * 3, None).scores,
+        source.forward_batch(images, ["object"] * 3, None).scores,
     )
     plus = convert(tmp_path / "epoch_5.pth", configuration="crane+", dino="test-tiny-dino", **TINY)
     assert plus.config.use_dattn and plus.layers == [4]

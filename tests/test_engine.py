@@ -36,7 +36,15 @@ from anomalens.engine import (
     scheduled_lr,
     train_method,
 )
-from anomalens.methods.base import Method, Prediction, Stage, TrainBatch, TrainConfig, read_checkpoint
+from anomalens.methods.base import (
+    BatchPrediction,
+    Method,
+    Prediction,
+    Stage,
+    TrainBatch,
+    TrainConfig,
+    read_checkpoint,
+)
 
 SIZE = 8
 
@@ -112,7 +120,7 @@ class ToyMethod(Method):
 
     def forward_batch(self, images, class_names, support):
         scores = torch.sigmoid(self.head(self.body(self.backbone(images)))[:, 0])
-        return scores, torch.zeros(len(images), SIZE, SIZE)
+        return BatchPrediction(scores, torch.zeros(len(images), SIZE, SIZE))
 
     def collate(self, samples: list[Sample], augment: bool) -> TrainBatch:
         batch = super().collate(samples, augment)

@@ -20,7 +20,7 @@ import anomalens.data as al_data
 from anomalens.calibrate import calibrate, threshold_f1, threshold_from_normals
 from anomalens.engine import distributed
 from anomalens.evaluation import evaluate_method, markdown_table, write_results
-from anomalens.methods.base import Method
+from anomalens.methods.base import BatchPrediction, Method
 from anomalens.protocols import run_protocol
 from conftest import write_mvtec_tree
 
@@ -43,7 +43,7 @@ class Deviation(Method):
     def forward_batch(self, images, class_names, support):
         grey = images.mean(1)  # (B, S, S)
         maps = (grey - grey.mean(dim=(1, 2), keepdim=True)).abs()
-        return maps.flatten(1).amax(1), maps
+        return BatchPrediction(maps.flatten(1).amax(1), maps)
 
 
 class Inverted(Deviation):
@@ -62,8 +62,8 @@ class FewShotMean(Deviation):
         return images.mean()
 
     def forward_batch(self, images, class_names, support):
-        _, maps = super().forward_batch(images, class_names, support)
-        return (images.mean(dim=(1, 2, 3)) - support).abs(), maps
+        maps = super().forward_batch(images, class_names, support).maps
+        return BatchPrediction((images.mean(dim=(1, 2, 3)) - support).abs(), maps)
 
 
 def build(cls: type[Method]) -> Method:

@@ -283,9 +283,9 @@ def test_patch_residuals_vanish_for_a_query_in_its_own_support():
     images = _images(2, 8)
     x = model.backbone.preprocess(list(images), resize=model.resize)
     out = model.components(x, ["grain"] * 2, model.prepare_support(x))
-    assert out["residual_map"].abs().max() < 1e-5  # each patch's nearest support patch is itself
+    assert out.residual_map.abs().max() < 1e-5  # each patch's nearest support patch is itself
     other = model.components(x, ["grain"] * 2, model.prepare_support(x[:1]))
-    assert other["residual_map"][1].max() > 1e-3
+    assert other.residual_map[1].max() > 1e-3
 
 
 def test_official_compat_flips_the_residual_and_batches_like_the_official_code():
@@ -488,10 +488,10 @@ def _few_shot_eval(model, data: al.data.Dataset, support: al.data.Dataset) -> di
         with torch.no_grad():
             out = model.components(x, [cls] * len(samples), ctx)
         row = {"image": image_auroc(labels, pred.scores), "pixel": pixel_auroc(masks, pred.maps)}
-        row["s_i"] = image_auroc(labels, out["s_i"].numpy())
+        row["s_i"] = image_auroc(labels, out.s_i.numpy())
         for key in ("dasl", "oasl"):
-            if key in out:
-                grid = out[key][:, 1].unflatten(-1, model.backbone.grid)[:, None]
+            if hasattr(out, key):
+                grid = getattr(out, key)[:, 1].unflatten(-1, model.backbone.grid)[:, None]
                 up = F.interpolate(grid, size=masks.shape[1:], mode="bilinear", align_corners=False)[:, 0]
                 row[key] = pixel_auroc(masks, up.numpy())
         rows.append(row)

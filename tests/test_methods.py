@@ -8,7 +8,7 @@ import torch
 
 import anomalens as al
 from anomalens.backbones.registry import TINY_BACKBONES
-from anomalens.methods.base import method_class
+from anomalens.methods.base import BatchPrediction, method_class
 
 SIZE = 64
 TINY = {"pretrained": None, "device": "cpu", "image_size": SIZE}
@@ -57,6 +57,19 @@ def test_shapes_dtypes_and_finite(method):
     assert pred.scores.shape == (3,) and pred.scores.dtype == np.float32
     assert pred.maps.shape == (3, SIZE, SIZE) and pred.maps.dtype == np.float32
     assert np.isfinite(pred.scores).all() and np.isfinite(pred.maps).all()
+
+
+def test_forward_batch_returns_a_batch_prediction(method, monkeypatch):
+    x = method.backbone.preprocess(list(_images(2, 7)), resize=method.resize)
+    ctx = method._support_context(list(_support(method.name))) if method.needs_support else None
+    out = method.forward_batch(x, ["object"] * 2, ctx)
+    assert isinstance(out, BatchPrediction) and out.scores.shape == (2,) and out.maps.shape[0] == 2
+    assert all(v.shape == (2,) for v in out.extras.values())
+    if method.set_level:
+        return  # a set-level method's `predict` scores the whole set itself
+    monkeypatch.setattr(method, "forward_batch", lambda *args: (out.scores, out.maps))
+    with pytest.raises(TypeError, match="forward_batch must return a BatchPrediction, not tuple"):
+        method.predict(_images(2, 7), class_names="object", support=_support(method.name))
 
 
 def test_maps_follow_each_input_size(method):

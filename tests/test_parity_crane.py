@@ -222,7 +222,8 @@ def test_inference_and_training_match_official(official, case, tmp_path):
     scores, maps = _official_predict(
         official, model, learner, batch.images, ours.layers, options["soft_mean"]
     )
-    our_scores, our_maps = ours.forward_batch(batch.images, ["object"] * len(scores), None)
+    ours_out = ours.forward_batch(batch.images, ["object"] * len(scores), None)
+    our_scores, our_maps = ours_out.scores, ours_out.maps
     np.testing.assert_allclose(our_scores.numpy(), scores, atol=1e-4)
     np.testing.assert_allclose(our_maps.numpy(), maps, atol=1e-4)
 

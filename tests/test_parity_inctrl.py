@@ -170,19 +170,19 @@ def _scores(official: dict, compat: bool) -> tuple[dict, list[dict]]:
 
 def test_default_matches_the_official_model_one_image_at_a_time(official):
     batch, singles = _scores(official, compat=False)
-    torch.testing.assert_close(batch["final"], official["final_single"], atol=1e-4, rtol=0)
-    torch.testing.assert_close(batch["s_i"], official["s_i_single"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(batch.final, official["final_single"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(batch.s_i, official["s_i_single"], atol=1e-4, rtol=0)
     torch.testing.assert_close(
-        torch.cat([s["final"] for s in singles]), official["final_single"], atol=1e-4, rtol=0
+        torch.cat([s.final for s in singles]), official["final_single"], atol=1e-4, rtol=0
     )
 
 
 def test_official_compat_matches_the_official_batched_forward(official):
     batch, singles = _scores(official, compat=True)
-    torch.testing.assert_close(batch["final"], official["final_batch"], atol=1e-4, rtol=0)
-    torch.testing.assert_close(batch["s_i"], official["s_i_batch"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(batch.final, official["final_batch"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(batch.s_i, official["s_i_batch"], atol=1e-4, rtol=0)
     torch.testing.assert_close(
-        torch.cat([s["final"] for s in singles]), official["final_single"], atol=1e-4, rtol=0
+        torch.cat([s.final for s in singles]), official["final_single"], atol=1e-4, rtol=0
     )
     assert (official["final_batch"] - official["final_single"]).abs().max() > 1e-4  # the regrouping shows
 

@@ -93,7 +93,8 @@ def test_association_distance_matches_naive():
 
 def test_zero_shot_shapes_and_ranges(model):
     x = model.backbone.preprocess(list(_images(3, 0)))
-    scores, maps = model.forward_batch(x, ["bottle"] * 3, None)
+    out = model.forward_batch(x, ["bottle"] * 3, None)
+    scores, maps = out.scores, out.maps
     assert scores.shape == (3,) and maps.shape == (3, *model.backbone.grid)
     assert ((scores > 0) & (scores < 1)).all() and ((maps > 0) & (maps < 1)).all()
     pred = model.predict(_images(3, 0), class_names="bottle")

@@ -1,4 +1,6 @@
-"""The typed contracts between methods, the training engine and evaluation.
+"""The typed contracts between methods, the training engine and evaluation: `Prediction` (what
+`Method.predict` returns), `BatchPrediction` (what a method's `forward_batch` returns), and the training
+contract `TrainConfig`, `TrainBatch`, `Stage`.
 
 This module sits below `methods/` and `engine/`: both import it, and it imports neither, so the model
 library and the training loop share their types without importing each other (`Method.fit` imports the
@@ -47,6 +49,16 @@ class Prediction:
         stacked = np.stack(maps) if len({m.shape for m in maps}) == 1 else maps
         extras = {k: np.concatenate([p.extras[k] for p in parts]) for k in parts[0].extras}
         return cls(np.concatenate([p.scores for p in parts]).astype(np.float32), stacked, extras)
+
+
+@dataclass
+class BatchPrediction:
+    """What `Method.forward_batch` returns for B preprocessed images (tensors on the model's device)."""
+
+    scores: torch.Tensor  # (B,) higher = more anomalous
+    maps: torch.Tensor  # (B, h, w) at any model resolution; `predict` resizes them to each input
+    # Per-image side outputs, name -> (B,), returned in `Prediction.extras` (documented per method).
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass

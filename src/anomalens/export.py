@@ -87,8 +87,8 @@ class ExportGraph(nn.Module):
         if class_index is None:
             class_index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # (B,)
         self.text.index = class_index
-        scores, maps, *_ = self.method.forward_batch(x, self.text.class_names[:1], self.support)
-        maps = maps.float()  # (B, h, w)
+        out = self.method.forward_batch(x, self.text.class_names[:1], self.support)
+        scores, maps = out.scores, out.maps.float()  # (B,), (B, h, w)
         if tuple(maps.shape[-2:]) != (self.size, self.size):
             # The same bilinear resize `Method.predict` applies (align_corners=False).
             maps = F.interpolate(maps[:, None], size=(self.size,) * 2, mode="bilinear", align_corners=False)

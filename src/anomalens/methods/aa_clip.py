@@ -47,7 +47,15 @@ from torch import nn
 from anomalens.backbones import ClipBackbone, map_layer, map_layers
 from anomalens.data.types import Sample
 from anomalens.losses import dice_loss, focal_loss
-from anomalens.methods.base import Method, Prediction, Stage, TrainBatch, TrainConfig, register
+from anomalens.methods.base import (
+    BatchPrediction,
+    Method,
+    Prediction,
+    Stage,
+    TrainBatch,
+    TrainConfig,
+    register,
+)
 from anomalens.ops import anchor_logits, gaussian_blur
 from anomalens.prompts import AA_CLIP, aa_clip_prompts, class_word, ensemble_text_features
 
@@ -474,9 +482,7 @@ class AACLIP(Method):
         size = (self.backbone.image_size, self.backbone.image_size)
         return F.interpolate(blurred[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
 
-    def forward_batch(
-        self, images: torch.Tensor, class_names: list[str], support: Any
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def forward_batch(self, images: torch.Tensor, class_names: list[str], support: Any) -> BatchPrediction:
         """Per-image scores (B,), maps (B, S, S) and the image-branch term `set_scores` needs."""
         anchors = self.frozen_anchors(class_names)  # (B, 2, E)
         branch = self.visual_branch(images)
@@ -484,7 +490,7 @@ class AACLIP(Method):
         det_logits = anchor_logits(branch.det[:, None], anchors, 1.0)[:, 0]  # (B, 2)
         medical = self.config.domain == "medical"
         scores = per_image_score(maps.flatten(1).amax(dim=1), len(branch.patches), det_logits, medical)
-        return scores, maps, {"image_term": image_term(branch.det, anchors)}  # term (B,)
+        return BatchPrediction(scores, maps, {"image_term": image_term(branch.det, anchors)})  # term (B,)
 
     def set_scores(self, prediction: Prediction, class_names: Sequence[str]) -> np.ndarray:
         """Official table scores, per class over the evaluated set (`set_level_scores`), from the

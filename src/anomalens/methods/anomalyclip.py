@@ -31,7 +31,7 @@ from torch import nn
 
 from anomalens.backbones import ClipBackbone, EAttnSpec
 from anomalens.losses import dice_loss, focal_loss, full_precision
-from anomalens.methods.base import Method, Stage, TrainBatch, TrainConfig, register
+from anomalens.methods.base import BatchPrediction, Method, Stage, TrainBatch, TrainConfig, register
 from anomalens.ops import anchor_logits, anchor_probability, gaussian_blur
 from anomalens.prompts import OBJECT_AGNOSTIC_ANOMALOUS, OBJECT_AGNOSTIC_NORMAL
 
@@ -143,15 +143,13 @@ class AnomalyCLIP(Method):
         return [patch_probabilities(p, text, self.config.temperature, b.grid, b.image_size) for p in local]
 
     @torch.no_grad()
-    def forward_batch(
-        self, images: torch.Tensor, class_names: list[str], support: None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_batch(self, images: torch.Tensor, class_names: list[str], support: None) -> BatchPrediction:
         """(B, 3, S, S) → scores (B,) and maps (B, S, S); class names are not used (object-agnostic)."""
         text = self.text_features()
         image, local = self._visual(images)
         score = anchor_probability(image, text, 1.0 / self.config.temperature)  # (B,)
         maps = torch.stack([(p[:, 1] + 1.0 - p[:, 0]) / 2.0 for p in self._probabilities(local, text)]).sum(0)
-        return score, gaussian_blur(maps, self.config.sigma)
+        return BatchPrediction(score, gaussian_blur(maps, self.config.sigma))
 
     def loss(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         """Training objective: λ·Σ_taps [focal + dice(P_a, mask) + dice(P_n, 1 − mask)] + CE(image logits).

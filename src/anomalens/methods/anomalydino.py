@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from anomalens.backbones import TEST_TINY_DINO, DinoBackbone, load_dino
-from anomalens.methods.base import DEFAULT, Method, register, resolve_device
+from anomalens.methods.base import DEFAULT, BatchPrediction, Method, register, resolve_device
 
 # Entries of the (queries × bank) similarity block computed at once.
 NN_CHUNK = 1 << 24
@@ -272,7 +272,7 @@ class AnomalyDINO(Method):
     @torch.no_grad()
     def forward_batch(
         self, images: torch.Tensor, class_names: list[str], support: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> BatchPrediction:
         """(B, 3, s, s) → scores (B,) = mean of the top patch distances, maps (B, gh, gw) of patch
         distances (0 on masked background); `finish_map` smooths them at each image's size."""
         c = self.config
@@ -294,7 +294,7 @@ class AnomalyDINO(Method):
             # An empty mask would leave nothing to score: keep every patch then.
             keep = keep | ~keep.any(dim=1, keepdim=True) | ~use_mask[:, None]
             distances = distances * keep
-        return mean_top_fraction(distances, c.top_fraction), distances.view(b, gh, gw)
+        return BatchPrediction(mean_top_fraction(distances, c.top_fraction), distances.view(b, gh, gw))
 
     def finish_map(self, amap: np.ndarray) -> np.ndarray:
         """Gaussian σ = ``sigma`` pixels on the map at the image's own size (official ``dists2map``)."""

@@ -33,7 +33,7 @@ from torch import nn
 
 from anomalens.backbones import ClipBackbone
 from anomalens.losses import dice_loss, focal_loss, full_precision
-from anomalens.methods.base import Method, Stage, TrainBatch, TrainConfig, register
+from anomalens.methods.base import BatchPrediction, Method, Stage, TrainBatch, TrainConfig, register
 from anomalens.ops import anchor_logits, anchor_probability, nearest_similarity
 from anomalens.prompts import (
     WINCLIP_ANOMALOUS_STATES,
@@ -177,7 +177,7 @@ class APRILGAN(Method):
     @torch.no_grad()
     def forward_batch(
         self, images: torch.Tensor, class_names: list[str], support: list[torch.Tensor] | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> BatchPrediction:
         """(B, 3, S, S) → scores (B,) and maps (B, S, S)."""
         anchors = self.text_anchors(class_names)  # (B, 2, E)
         cls, tokens = self._tap_tokens(images)
@@ -196,7 +196,7 @@ class APRILGAN(Method):
             anomaly_map = anomaly_map + upsampled.sum(dim=1)
             weight = self.config.few_shot_map_weight
         map_score = anomaly_map.flatten(1).amax(dim=1) / len(self.taps)
-        return (1.0 - weight) * text_score + weight * map_score, anomaly_map
+        return BatchPrediction((1.0 - weight) * text_score + weight * map_score, anomaly_map)
 
     # ------------------------------------------------------------------ training
     def segmentation_loss(self, batch: TrainBatch) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from torch import nn
 
 from anomalens.contracts import (
     FROZEN_PREFIXES,
+    BatchPrediction,
     Prediction,
     Stage,
     TrainBatch,
@@ -42,6 +43,7 @@ from anomalens.prompts import ensemble_text_features
 __all__ = [  # the training contract and `Prediction` are re-exported from `anomalens.contracts`
     "DEFAULT",
     "FROZEN_PREFIXES",
+    "BatchPrediction",
     "Method",
     "Prediction",
     "Stage",
@@ -212,11 +214,9 @@ class Method(nn.Module):
         return self
 
     # ------------------------------------------------------------------ inference
-    def forward_batch(
-        self, images: torch.Tensor, class_names: list[str], support: Any
-    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """(B,3,S,S) normalised images → scores (B,), maps (B,h,w) at any model resolution and,
-        optionally, a dict of per-image (B,) extras (returned in `Prediction.extras`)."""
+    def forward_batch(self, images: torch.Tensor, class_names: list[str], support: Any) -> BatchPrediction:
+        """(B,3,S,S) normalised images → scores (B,), maps (B,h,w) at any model resolution and any
+        per-image (B,) extras (returned in `Prediction.extras`)."""
         raise NotImplementedError
 
     def prepare_support(self, images: torch.Tensor) -> Any:
@@ -252,10 +252,16 @@ class Method(nn.Module):
                 x = self.backbone.preprocess(chunk, resize=self.resize).to(self.device)
             else:  # the same values: preprocess = normalize(pixels(...))
                 x = self.backbone.normalize(pixels[start : start + batch_size]).to(self.device)
-            s, m, *rest = self.forward_batch(x, names[start : start + batch_size], ctx)
-            extras = {k: v.detach().double().cpu().numpy() for k, v in (rest[0] if rest else {}).items()}
-            sized = resize_maps(m.float(), [a.shape[:2] for a in chunk], self.resize)
-            parts.append(Prediction(s.float().cpu().numpy(), [self.finish_map(a) for a in sized], extras))
+            out = self.forward_batch(x, names[start : start + batch_size], ctx)
+            if not isinstance(out, BatchPrediction):
+                got = type(out).__name__
+                raise TypeError(
+                    f"{type(self).__name__}.forward_batch must return a BatchPrediction, not {got}"
+                )
+            extras = {k: v.detach().double().cpu().numpy() for k, v in out.extras.items()}
+            sized = resize_maps(out.maps.float(), [a.shape[:2] for a in chunk], self.resize)
+            scores = out.scores.float().cpu().numpy()
+            parts.append(Prediction(scores, [self.finish_map(a) for a in sized], extras))
         return Prediction.concat(parts)
 
     def input_pixels(self, images: Sequence[np.ndarray]) -> torch.Tensor | None:

@@ -51,7 +51,15 @@ from torch import nn
 from anomalens.backbones import ClipBackbone, map_layer
 from anomalens.data.types import Dataset, Sample
 from anomalens.losses import full_precision
-from anomalens.methods.base import Method, Stage, TrainBatch, TrainConfig, TrainProgress, register
+from anomalens.methods.base import (
+    BatchPrediction,
+    Method,
+    Stage,
+    TrainBatch,
+    TrainConfig,
+    TrainProgress,
+    register,
+)
 from anomalens.ops import anchor_logits, anchor_probability
 from anomalens.prompts import CORE_CLIP_CONTEXT, CORE_CLIP_DEFECT, core_clip_prompts
 
@@ -550,9 +558,7 @@ class CoReCLIP(Method):
             return branch_cls.new_full(branch_cls.shape[:2], 1.0 / n)
         return self.crm(text[:, 1], branch_cls)
 
-    def forward_batch(
-        self, images: torch.Tensor, class_names: list[str], support: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_batch(self, images: torch.Tensor, class_names: list[str], support: Any) -> BatchPrediction:
         """Scores (B,) (Eq. 30) and maps (B, S, S) (Eq. 31-32); every branch sees the unmasked image."""
         text = self.frozen_text(class_names)  # (B, 2, E)
         views = images.unsqueeze(0).expand(len(self.branches), *images.shape)  # (n, B, 3, S, S)
@@ -563,7 +569,7 @@ class CoReCLIP(Method):
         grid = margins.reshape(-1, 1, *self.backbone.grid)  # (B, 1, gh, gw)
         size = (self.backbone.image_size, self.backbone.image_size)
         maps = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[:, 0]  # (B, S, S)
-        return scores, maps
+        return BatchPrediction(scores, maps)
 
     # ------------------------------------------------------------------ training
     def training_stages(self) -> list[Stage]:

@@ -52,7 +52,7 @@ from anomalens.backbones.attention import (
 from anomalens.backbones.registry import WeightsUnavailableError, resolve_timm_pretrained
 from anomalens.data.types import Sample
 from anomalens.losses import dice_loss, focal_loss
-from anomalens.methods.base import DEFAULT, Method, Stage, TrainBatch, TrainConfig, register
+from anomalens.methods.base import DEFAULT, BatchPrediction, Method, Stage, TrainBatch, TrainConfig, register
 from anomalens.ops import anchor_logits, anchor_probability, gaussian_blur
 from anomalens.prompts import OBJECT_AGNOSTIC_ANOMALOUS, OBJECT_AGNOSTIC_NORMAL
 
@@ -419,9 +419,7 @@ class Crane(Method):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def forward_batch(
-        self, images: torch.Tensor, class_names: list[str], support: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_batch(self, images: torch.Tensor, class_names: list[str], support: Any) -> BatchPrediction:
         """(B, 3, S, S) → image scores p_a(g⁺) (B,) and smoothed maps (B, S, S)."""
         config = self.config
         visual = self.visual_features(images)
@@ -433,7 +431,7 @@ class Crane(Method):
             visual.branches, logits, visual.global_embedding, config.score_pooling, config.pooling_weight
         )  # (B, E)
         scores = anchor_probability(pooled, text, scale)  # (B,) p_a(g⁺)
-        return scores, gaussian_blur(maps, config.sigma)
+        return BatchPrediction(scores, gaussian_blur(maps, config.sigma))
 
     # ------------------------------------------------------------------ training
     def training_loss(self, batch: TrainBatch) -> dict[str, torch.Tensor]:

@@ -43,7 +43,7 @@ from torch import nn
 from anomalens.backbones import ClipBackbone
 from anomalens.data.types import DataError, Dataset, Sample
 from anomalens.losses import binary_focal_loss, dice_loss, focal_loss, full_precision
-from anomalens.methods.base import Method, Stage, TrainBatch, TrainConfig, register
+from anomalens.methods.base import BatchPrediction, Method, Stage, TrainBatch, TrainConfig, register
 from anomalens.ops import anchor_logits, anchor_probability, nearest_similarity
 from anomalens.prompts import class_word, inctrl_prompts, winclip_prompts
 
@@ -138,6 +138,28 @@ class SupportFeatures:
 
     cls: torch.Tensor
     tokens: torch.Tensor
+
+
+@dataclass
+class InCTRLOutputs:
+    """The terms of InCTRL v1's score for B queries."""
+
+    final: torch.Tensor  # (B,) holistic score (the prediction)
+    s_i: torch.Tensor  # (B,) image-level in-context residual score
+    s_t: torch.Tensor  # (B,) text prior: anomaly probability against the class's text anchors
+    residual_map: torch.Tensor  # (B, N) patch-level in-context residuals M_x
+
+
+@dataclass
+class InCTRLv2Outputs:
+    """The terms of InCTRLv2's score and maps for B queries (Eq. 9, 17)."""
+
+    score: torch.Tensor  # (B,) s(x), Eq. (9)
+    s_i: torch.Tensor  # (B,) image-level in-context residual score
+    s_a: torch.Tensor  # (B,) anomaly probability against the text anchors
+    residual_map: torch.Tensor  # (B, N) patch-level in-context residuals M_x
+    dasl: torch.Tensor  # (B, 2, N) [S_n, S_a] of the DASL head φ₁
+    oasl: torch.Tensor  # (B, 2, N) [S'_n, S'_a] of the OASL head φ₂
 
 
 # ---------------------------------------------------------------------- equations
@@ -525,7 +547,7 @@ class InCTRL(_InCTRLBase):
 
     def components(
         self, images: torch.Tensor, class_names: list[str], support: SupportFeatures
-    ) -> dict[str, torch.Tensor]:
+    ) -> InCTRLOutputs:
         """final (B,), s_i (B,), s_t (B,) and M_x (B, N) of the official v1 formula."""
         cls, tokens = self.encode(images)
         support_cls, memory = support.cls, support.tokens
@@ -542,15 +564,15 @@ class InCTRL(_InCTRLBase):
             F.normalize(cls, dim=-1), self.text_anchors(class_names), self.config.text_scale
         )
         final = holistic_score(s_t, s_i, residual_map, self.holistic_head)
-        return {"final": final, "s_i": s_i, "s_t": s_t, "residual_map": residual_map}
+        return InCTRLOutputs(final, s_i, s_t, residual_map)
 
     @torch.no_grad()
     def forward_batch(
         self, images: torch.Tensor, class_names: list[str], support: SupportFeatures
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> BatchPrediction:
         """(B, 3, S, S) → final scores (B,) and the patch residual maps M_x (B, gh, gw)."""
         out = self.components(images, class_names, support)
-        return out["final"], self.grid_maps(out["residual_map"])
+        return BatchPrediction(out.final, self.grid_maps(out.residual_map))
 
     def loss(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         """focal(final) + focal(s_i), InCTRL's ``BinaryFocalLoss`` (on logits only under official_compat)."""
@@ -558,8 +580,8 @@ class InCTRL(_InCTRLBase):
             return self._zero_step([self.adapter, self.ref_head, self.holistic_head])
         out = self.components(batch.images, batch.class_names, self.support_features(batch.support))
         logits = self.config.official_compat
-        final = image_focal_loss(out["final"], batch.labels, logits)
-        image = image_focal_loss(out["s_i"], batch.labels, logits)
+        final = image_focal_loss(out.final, batch.labels, logits)
+        image = image_focal_loss(out.s_i, batch.labels, logits)
         return {"loss": final + image, "focal_final": final.detach(), "focal_image": image.detach()}
 
     def training_stages(self) -> list[Stage]:
@@ -628,30 +650,30 @@ class InCTRLv2(_InCTRLBase):
 
     def components(
         self, images: torch.Tensor, class_names: list[str], support: SupportFeatures
-    ) -> dict[str, torch.Tensor]:
+    ) -> InCTRLv2Outputs:
         """score s(x) (B,), s_i, s_a (B,), M_x (B, N), [S_n, S_a] and [S'_n, S'_a] (B, 2, N)."""
         cls, tokens = self.encode(images)
         s_i, residual_map = self.residuals(cls, tokens, support.cls, support.tokens)
         anchors = self.text_anchors(class_names)  # (B, 2, E)
         s_a = anchor_probability(F.normalize(cls, dim=-1), anchors, self.scale)  # Eq. (6)
-        return {
-            "score": generalist_score(s_i, s_a, residual_map, self.config.alpha),
-            "s_i": s_i,
-            "s_a": s_a,
-            "residual_map": residual_map,
-            "dasl": self.semantic(self.dasl_projection, tokens, anchors),
-            "oasl": self.semantic(self.oasl_projection, tokens, anchors),
-        }
+        return InCTRLv2Outputs(
+            score=generalist_score(s_i, s_a, residual_map, self.config.alpha),
+            s_i=s_i,
+            s_a=s_a,
+            residual_map=residual_map,
+            dasl=self.semantic(self.dasl_projection, tokens, anchors),
+            oasl=self.semantic(self.oasl_projection, tokens, anchors),
+        )
 
     @torch.no_grad()
     def forward_batch(
         self, images: torch.Tensor, class_names: list[str], support: SupportFeatures
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> BatchPrediction:
         """(B, 3, S, S) → s(x) (Eq. 9) (B,) and M' (Eq. 17) on the patch grid (B, gh, gw)."""
         out = self.components(images, class_names, support)
-        m_p = pixel_map(out["residual_map"], out["dasl"][:, 1])
-        m_n = pixel_map(out["residual_map"], out["oasl"][:, 1])
-        return out["score"], self.grid_maps(inference_map(m_p, m_n, self.config.beta))
+        m_p = pixel_map(out.residual_map, out.dasl[:, 1])
+        m_n = pixel_map(out.residual_map, out.oasl[:, 1])
+        return BatchPrediction(out.score, self.grid_maps(inference_map(m_p, m_n, self.config.beta)))
 
     def _pixel_losses(
         self, maps: torch.Tensor, combined: torch.Tensor, batch: TrainBatch

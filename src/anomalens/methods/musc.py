@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from anomalens.backbones import ClipBackbone
 from anomalens.methods.base import (
+    BatchPrediction,
     ImageLike,
     Method,
     Prediction,
@@ -234,7 +235,9 @@ class MuSc(Method):
                     total[rows] += interval_average(d.gather(2, others), self.config.interval).double()
         return (total / (len(tokens) * len(self.config.r_list))).float()
 
-    def score_set(self, maps: torch.Tensor, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_set(
+        self, maps: torch.Tensor, embeddings: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(N, L) patch scores → maps (N, S, S) (bilinear, ``align_corners=True``), their maxima (N,) and
         the RsCIN scores (N,)."""
         size = (self.backbone.image_size,) * 2
@@ -246,13 +249,11 @@ class MuSc(Method):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def forward_batch(
-        self, images: torch.Tensor, class_names: list[str], support: Any
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def forward_batch(self, images: torch.Tensor, class_names: list[str], support: Any) -> BatchPrediction:
         """The batch is the set: (N, 3, S, S) → RsCIN scores (N,), maps (N, S, S), {"map_max": (N,)}."""
         tokens, embeddings = self.encode(images)
         full, peak, scores = self.score_set(self.mutual_scores(tokens), embeddings)
-        return scores, full, {"map_max": peak}
+        return BatchPrediction(scores, full, {"map_max": peak})
 
     @torch.no_grad()
     def predict(

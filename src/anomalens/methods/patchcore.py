@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from anomalens.backbones import ClipBackbone
 from anomalens.data.types import Dataset
-from anomalens.methods.base import Method, register
+from anomalens.methods.base import BatchPrediction, Method, register
 from anomalens.ops import gaussian_blur, nearest_distance
 
 
@@ -200,7 +200,7 @@ class PatchCore(Method):
     @torch.no_grad()
     def forward_batch(
         self, images: torch.Tensor, class_names: list[str], support: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> BatchPrediction:
         """(B, 3, S, S) → scores (B,) = max patch distance, maps (B, S, S) upsampled and smoothed."""
         bank = support if support is not None else self.memory_bank
         if bank.shape[0] == 0:
@@ -214,4 +214,4 @@ class PatchCore(Method):
             mode="bilinear",
             align_corners=False,
         )[:, 0]  # (B, S, S)
-        return distances.amax(dim=1), gaussian_blur(maps, self.config.sigma)
+        return BatchPrediction(distances.amax(dim=1), gaussian_blur(maps, self.config.sigma))

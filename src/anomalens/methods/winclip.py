@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from anomalens.backbones import ClipBackbone, window_indices
-from anomalens.methods.base import Method, register
+from anomalens.methods.base import BatchPrediction, Method, register
 from anomalens.ops import anchor_probability, nearest_similarity
 from anomalens.prompts import winclip_prompts
 
@@ -152,7 +152,7 @@ class WinCLIP(Method):
     @torch.no_grad()
     def forward_batch(
         self, images: torch.Tensor, class_names: list[str], support: WinCLIPSupport | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> BatchPrediction:
         """(B, 3, S, S) → scores (B,) and maps (B, gh, gw) on the patch grid."""
         b = images.shape[0]
         gh, gw = self.backbone.grid
@@ -169,7 +169,7 @@ class WinCLIP(Method):
             zero_shot.append(harmonic_aggregation(anchor_probability(_unit(emb), anchors, scale), coverage))
         zero_shot_map = harmonic_mean(zero_shot)  # (B, N) M_0
         if support is None:
-            return image_score, zero_shot_map.view(b, gh, gw)
+            return BatchPrediction(image_score, zero_shot_map.view(b, gh, gw))
 
         patches = self.backbone.project(out.final[:, 1:])  # (B, N, E)
         few_shot = [association_distance(patches, support.patches)]
@@ -177,7 +177,7 @@ class WinCLIP(Method):
             few_shot.append(harmonic_aggregation(association_distance(emb, memory), coverage))
         few_shot_map = torch.stack(few_shot).mean(dim=0)  # (B, N) M_W
         score = 0.5 * (image_score + few_shot_map.amax(dim=1))
-        return score, (0.5 * (zero_shot_map + few_shot_map)).view(b, gh, gw)
+        return BatchPrediction(score, (0.5 * (zero_shot_map + few_shot_map)).view(b, gh, gw))
 
 
 def _unit(features: torch.Tensor) -> torch.Tensor:
