@@ -233,8 +233,8 @@ def test_converter_maps_official_layout(tmp_path):
         torch.testing.assert_close(a, b)
     images = _images(2, 4)
     torch.testing.assert_close(
-        converted.forward_batch(images, ["object"] * 2, None)[0],
-        source.forward_batch(images, ["object"] * 2, None)[0],
+        converted.forward_batch(images, ["object"] * 2, None).scores,
+        source.forward_batch(images, ["object"] * 2, None).scores,
     )
 
 

@@ -255,7 +255,7 @@ def test_learned_prompt_text_is_encoded_once_until_the_prompts_change(make, imag
             g_i = m.visual_features(images).global_embedding
             return anchor_probability(g_i, m.text_features(None), 1.0 / 0.07)
 
-    first = [m.forward_batch(images, [c] * 3, None)[0] for c in ("object", "disc", "object")]
+    first = [m.forward_batch(images, [c] * 3, None).scores for c in ("object", "disc", "object")]
     assert len(calls) == 1  # one encoding serves every call and class: the prompts are object-agnostic
     torch.testing.assert_close(first[0], uncached_scores())
     torch.testing.assert_close(first[1], first[0])
@@ -265,7 +265,7 @@ def test_learned_prompt_text_is_encoded_once_until_the_prompts_change(make, imag
     stage.loss(_batch(m)[0])["loss"].backward()
     optimizer.step()
     calls.clear()
-    after = m.forward_batch(images, ["object"] * 3, None)[0]
+    after = m.forward_batch(images, ["object"] * 3, None).scores
     assert len(calls) == 1 and differ(after, first[0])
     torch.testing.assert_close(after, uncached_scores())
 

@@ -142,9 +142,9 @@ def test_inference_matches_official(models, seed):
     with torch.no_grad():
         amap, score = model(image, ["metal-nut"], aggregation=True)
     smoothed = gaussian_filter(amap[0].numpy(), sigma=4)
-    our_score, our_map = ours.forward_batch(image, ["metal-nut"], None)
-    torch.testing.assert_close(our_score, score.float(), atol=ATOL, rtol=0)
-    torch.testing.assert_close(our_map[0], torch.from_numpy(smoothed).float(), atol=ATOL, rtol=0)
+    ours_out = ours.forward_batch(image, ["metal-nut"], None)
+    torch.testing.assert_close(ours_out.scores, score.float(), atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours_out.maps[0], torch.from_numpy(smoothed).float(), atol=ATOL, rtol=0)
 
 
 def test_training_loss_and_gradients_match_official(models, official, monkeypatch):

@@ -55,7 +55,7 @@ from torch import nn
 from anomalens.backbones import ClipBackbone
 from anomalens.data.types import Sample
 from anomalens.losses import dice_loss, focal_loss
-from anomalens.methods.base import Method, Stage, TrainBatch, TrainConfig, register
+from anomalens.methods.base import BatchPrediction, Method, Stage, TrainBatch, TrainConfig, register
 from anomalens.ops import anchor_logits, gaussian_blur
 
 # The official prompt ensemble (``TextEmbebddingLayer``): states × templates per side.
@@ -329,14 +329,12 @@ class AdaClip(Method):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def forward_batch(
-        self, images: torch.Tensor, class_names: list[str], support: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_batch(self, images: torch.Tensor, class_names: list[str], support: Any) -> BatchPrediction:
         """(B, 3, S, S) → image scores softmax(100·⟨g, t⟩)_a (B,) and smoothed maps (B, S, S)."""
         feats = self.features(images, class_names)
         image_logits, logits = self.scores_and_logits(feats)
         maps = anomaly_map(logits, self.backbone.grid, self.backbone.image_size)  # (B, S, S)
-        return image_logits.softmax(dim=-1)[:, 1], gaussian_blur(maps, self.config.sigma)
+        return BatchPrediction(image_logits.softmax(dim=-1)[:, 1], gaussian_blur(maps, self.config.sigma))
 
     # ------------------------------------------------------------------ training
     def training_loss(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
