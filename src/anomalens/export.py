@@ -33,16 +33,9 @@ from torch.utils._pytree import tree_map
 
 from anomalens.methods.base import ImageLike, Method, to_arrays
 
-# Methods whose graph cannot be exported yet, with the reason given to the user.
+# Methods whose graph cannot be exported, with the reason given to the user (beyond the set-level ones and
+# those that finish maps on the host, refused in `export_onnx`).
 REFUSED = {
-    "patchcore": (
-        "patchcore cannot be exported to ONNX yet: its maps are smoothed with scipy on the host and its "
-        "nearest-neighbour search loops over the images of a batch in Python; use Method.predict"
-    ),
-    "anomalyclip": (
-        "anomalyclip cannot be exported to ONNX yet: its maps are smoothed with scipy on the host "
-        "(outside torch); use Method.predict"
-    ),
     "adaclip": (
         "adaclip cannot be exported to ONNX: its image score clusters patches with scikit-learn's k-means "
         "on the host, and its dynamic text prompts run the text tower for every image; use Method.predict"
@@ -110,14 +103,22 @@ def export_onnx(
         out: the .onnx file to write; written only once the export succeeded.
         class_names: the classes whose text anchors are baked in (at least one, no duplicates).
         support: normal images of the class for few-shot methods (baked in as features); required
-            when the method needs support.
+            when the method needs support (PatchCore fitted with `PatchCore.fit` carries its bank as a
+            buffer, which is baked in like any weight).
         opset: ONNX opset (default: torch's).
 
     Raises:
-        ValueError: an unsupported method, missing support, or bad class names.
+        ValueError: an unsupported method (set-level, maps finished on the host, or in `REFUSED`),
+            missing support, or bad class names.
     """
     if method.name in REFUSED:
         raise ValueError(REFUSED[method.name])
+    if type(method).finish_map is not Method.finish_map:
+        raise ValueError(
+            f"{method.name} cannot be exported to ONNX: it finishes each map at its image's own "
+            "resolution on the host (finish_map), which a graph at a fixed size cannot reproduce; "
+            "use Method.predict"
+        )
     if getattr(method, "set_level", False):
         raise ValueError(
             f"{method.name} cannot be exported to ONNX: it scores each image against the other images "
@@ -133,7 +134,8 @@ def export_onnx(
     context = None
     if support_arrays:
         with torch.no_grad():
-            context = method.prepare_support(method.backbone.preprocess(support_arrays, resize=method.resize))
+            images = method.backbone.preprocess(method.support_images(support_arrays), resize=method.resize)
+            context = method.prepare_support(images)
     graph = ExportGraph(method, names, context).eval()
     size = method.backbone.image_size
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
