@@ -157,6 +157,9 @@ def test_refusals_and_bad_arguments(tmp_path):
     musc = al.create("musc", **TINY)
     with pytest.raises(ValueError, match="musc cannot be exported.*other images"):
         export_onnx(musc, tmp_path / "m.onnx", ["bottle"])
+    adaclip = al.create("adaclip", **TINY)
+    with pytest.raises(ValueError, match="adaclip cannot be exported.*k-means"):
+        export_onnx(adaclip, tmp_path / "a.onnx", ["bottle"])
     inctrl = al.create("inctrl", **TINY)
     with pytest.raises(ValueError, match="needs support images"):
         export_onnx(inctrl, tmp_path / "i.onnx", ["bottle"])
