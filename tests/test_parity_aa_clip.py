@@ -6,8 +6,8 @@ a randomly initialised ViT-L-14-336 at a small input (112 px, 8×8 grid) to stay
 identical random CLIP weights (the official loader resamples the native positional embedding itself),
 random official adapters saved in the official checkpoint layout, `anomalens convert --from aa-clip`
 equivalent, then preprocessing, text anchors, test maps, image terms, set-level scores and the stage-2
-loss compared to 1e-4. Stage 1 cannot be compared: the official V-V attention attends over the batch
-axis (docs/methods/aa-clip.md).
+loss compared to 1e-4. Training steps of both stages (loss and gradients, stage 1 under
+``official_compat``, whose V-V attention attends over the batch axis) are in `test_parity_aaclip_train`.
 """
 
 from __future__ import annotations

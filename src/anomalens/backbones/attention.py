@@ -25,7 +25,7 @@ EATTN_VARIANTS: dict[str, tuple[str, ...]] = {
 }
 
 # Single-path attention kinds accepted by `ClipBackbone.encode_image(attention=...)`.
-ATTENTION_KINDS = ("standard", "vv", "qq", "kk")
+ATTENTION_KINDS = ("standard", "vv", "qq", "kk", "vv-batch")
 
 
 def standard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -110,7 +110,9 @@ def single_path_attention(
     """Attention output for a main-path override: "standard", or self-correlation "vv"/"qq"/"kk".
 
     "vv" is AA-CLIP's V-V attention (``q = k = v = V``): ``softmax(V Vᵀ · scale) V``. "qq"/"kk" use the
-    self-correlation of q or k as the weights and aggregate V.
+    self-correlation of q or k as the weights and aggregate V. "vv-batch" is the official AA-CLIP stage-1
+    V-V attention, which reads its sequence-first input as batch-first: for each token position and head,
+    the images of the batch attend to each other (AA-CLIP ``official_compat`` only; docs/design-notes.md).
 
     Args:
         q, k, v: (B, h, N, d).
@@ -124,6 +126,9 @@ def single_path_attention(
         return standard_attention(q, k, v, scale)
     if kind == "vv":
         return F.scaled_dot_product_attention(v, v, v, scale=scale)  # (B, h, N, d)
+    if kind == "vv-batch":
+        vt = v.transpose(0, 2)  # (N, h, B, d): attend over the batch axis
+        return F.scaled_dot_product_attention(vt, vt, vt, scale=scale).transpose(0, 2)  # (B, h, N, d)
     if kind == "qq":
         return F.scaled_dot_product_attention(q, q, v, scale=scale)  # (B, h, N, d)
     if kind == "kk":

@@ -428,8 +428,9 @@ class ClipBackbone(nn.Module):
             layers: blocks whose output tokens to return in ``tokens``.
             adapters: ``adapters[i](x)`` replaces the output x (B, M, D) of block i; the module implements
                 its own residual blending.
-            attention: ``attention[i]`` ∈ {"standard", "vv", "qq", "kk"} replaces block i's attention in
-                the main path (MLP kept). "vv" is AA-CLIP's V-V attention (q = k = v = V).
+            attention: ``attention[i]`` ∈ `ATTENTION_KINDS` replaces block i's attention in the main
+                path (MLP kept). "vv" is AA-CLIP's V-V attention (q = k = v = V); "vv-batch" the official
+                code's, over the batch axis (`attention.single_path_attention`).
             eattn: Crane's E-Attn dual path. From block ``start`` on, q, k, v come from ``ln_1`` of the
                 main path's block input, ``H_l = out_proj(W_l V)`` with `attention.eattn_weights`, no FFN,
                 ``Z ← Z + H_l`` with Z starting as the input of block ``start``. The main path is unchanged.

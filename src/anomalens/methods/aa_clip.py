@@ -109,7 +109,7 @@ class AACLIPConfig:
         quick_gelu: the backbone's activation; False = exact GELU, as the official code runs the OpenAI
             weights (its checkpoints were trained so); None = what the weights were trained with.
         official_compat: reproduce official-code defects (see docs): the set-level min-max is skipped
-            when a maximum is exactly 1.
+            when a maximum is exactly 1, and the stage-1 V-V attention runs over the batch axis.
     """
 
     image_size: int | None = None
@@ -462,8 +462,9 @@ class AACLIP(Method):
     @torch.no_grad()
     def reference_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Stage-1 frozen visual reference: per tap (B, N, E) V-V-pass features + normalised CLS."""
+        kind = "vv-batch" if self.config.official_compat else "vv"  # official: mixes the batch's images
         vv = self.backbone.encode_image(
-            images, layers=self.taps, attention=dict.fromkeys(self.vv_layers, "vv")
+            images, layers=self.taps, attention=dict.fromkeys(self.vv_layers, kind)
         )
         cls = self.backbone.encode_image(images, cls_only=True).cls  # (B, E), unmodified CLIP
         return [reference_patch_features(self.backbone.project(vv.tokens[i][:, 1:]), cls) for i in self.taps]
