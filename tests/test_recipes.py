@@ -56,8 +56,11 @@ def test_train_recipe_is_applied_recorded_and_overridable(capsys, mvtec_root, tm
     assert (image["epochs"], image["lr"], image["batch_size"]) == (1, 5e-4, 2)
     desc, _ = read_checkpoint(out / "model.anomalens")
     assert desc["recipe"]["name"] == "paper" and desc["options"]["image_size"] == 64  # --set wins
+    schedule = desc["schedule"]  # the recipe's schedule with --epochs on top
+    assert (schedule["text"]["epochs"], schedule["image"]["milestones"]) == (1, [16000, 32000])
     results = tmp_path / "eval"
     argv = ["eval", "--checkpoint", str(out / "model.anomalens"), "--data", f"mvtec:{mvtec_root}"]
     assert main([*argv, "--classes", "bottle", "--out", str(results), "--quiet"]) == 0
     saved = json.loads(next(results.rglob("results.json")).read_text())
     assert saved["recipe"]["name"] == "paper" and saved["recipe"]["method"] == "aa-clip"
+    assert saved["schedule"] == schedule

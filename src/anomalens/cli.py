@@ -72,6 +72,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import anomalens.data as al_data
     from anomalens.engine import MODEL_FILE, train_method
+    from anomalens.recipes import apply as apply_recipe
     from anomalens.recipes import recipe as named_recipe
 
     recipe = named_recipe(args.method or "", args.recipe) if args.recipe else None
@@ -80,7 +81,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     split = args.split or (recipe.split if recipe is not None else "test")
     dataset = al_data.concat_datasets([al_data.load(spec, split, args.classes) for spec in args.data])
     model = _model(args, allow_checkpoint=False)
-    model.recipe = recipe.describe() if recipe is not None else None
+    if recipe is not None:
+        apply_recipe(model, recipe)
     dataset = al_data.shot_subset(dataset, args.shots, model.shot_semantics, seed=args.seed)
     if args.normal_only:
         dataset = al_data.normal_only(dataset)
@@ -96,10 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     user = _parse_options(args.train_options, "--train-set") | {
         k: v for k, v in given.items() if v is not None
     }
-    # A recipe's per-stage value ("image.lr") must not win over the user's value for every stage ("lr").
-    recipe_train = recipe.train if recipe is not None else {}
-    overrides = {k: v for k, v in recipe_train.items() if k.rpartition(".")[2] not in user} | user
-    _call(model.fit, args, train_method, dataset=dataset, support_data=support, **overrides)
+    _call(model.fit, args, train_method, dataset=dataset, support_data=support, **user)
     path = Path(args.out_dir) / MODEL_FILE  # written by the engine after every epoch
     print(f"trained {model.name} on {dataset.name} ({len(dataset)} images): {path}")
     print(f"next: anomalens eval --checkpoint {path} --data <kind>:<root>")

@@ -1,6 +1,6 @@
 """The typed contracts between methods, the training engine and evaluation: `Prediction` (what
 `Method.predict` returns), `BatchPrediction` (what a method's `forward_batch` returns), and the training
-contract `TrainConfig`, `TrainBatch`, `Stage`.
+contract `TrainConfig`, `TrainBatch`, `Stage` with the schedule overrides (`override_schedule`).
 
 This module sits below `methods/` and `engine/`: both import it, and it imports neither, so the model
 library and the training loop share their types without importing each other (`Method.fit` imports the
@@ -10,7 +10,7 @@ engine on first use; the engine sees a method only through these types).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,9 +61,15 @@ class BatchPrediction:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings of one training stage; every field can be overridden from `fit`/CLI."""
+    """Optimisation settings of one training stage; every field can be overridden from `fit`/CLI.
+
+    A method's defaults are its *schedule*: a frozen dataclass with one `TrainConfig` field per stage
+    (``Method.schedule_class``, next to its config class). `override_schedule` applies overrides to it
+    (a named recipe of `anomalens.recipes` is such overrides); the model file and results record the
+    schedule a model was trained with.
+    """
 
     epochs: int = 1
     batch_size: int = 8
@@ -140,4 +146,51 @@ class Stage:
     # normal images a few-shot method draws per-query supports from.
     support: Callable[[Dataset], None] | None = None
     needs_progress: bool = False  # loss(batch, progress: TrainProgress) instead of loss(batch)
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def override_configs(
+    configs: Mapping[str, TrainConfig], overrides: Mapping[str, Any]
+) -> dict[str, TrainConfig]:
+    """`configs` (stage name → `TrainConfig`) with `overrides` applied.
+
+    ``{"lr": 1e-4}`` applies to every stage, ``{"image.lr": 1e-4}`` to stage "image" only (and wins over
+    the former). Unknown fields or stages are a ValueError naming them. Lists become tuples where the
+    field is a tuple (values coming from JSON or a CLI) and ints become floats where it is a float.
+    """
+    names = list(configs)
+    common: dict[str, Any] = {}
+    per_stage: dict[str, dict[str, Any]] = {n: {} for n in names}
+    for key, value in overrides.items():
+        stage, dot, name = key.rpartition(".")
+        if name not in TRAIN_FIELDS:
+            raise ValueError(
+                f"unknown training option {key!r}; valid: {', '.join(TRAIN_FIELDS)} "
+                f"(for one stage: <stage>.<option>, stages: {', '.join(names)})"
+            )
+        if dot and stage not in per_stage:
+            raise ValueError(f"training option {key!r}: no stage {stage!r}; stages: {', '.join(names)}")
+        (per_stage[stage] if dot else common)[name] = value
+    result = {}
+    for stage, config in configs.items():
+        changes = {**common, **per_stage[stage]}
+        result[stage] = dataclasses.replace(
+            config, **{k: _coerce(getattr(config, k), v) for k, v in changes.items()}
+        )
+    return result
+
+
+def override_schedule(schedule: Any, overrides: Mapping[str, Any]) -> Any:
+    """A method's schedule dataclass with `overrides` applied (`override_configs`' forms)."""
+    configs = {f.name: getattr(schedule, f.name) for f in dataclasses.fields(schedule)}
+    return dataclasses.replace(schedule, **override_configs(configs, overrides))
+
+
+def _coerce(default: Any, value: Any) -> Any:
+    if isinstance(default, tuple) and isinstance(value, list):
+        return tuple(value)
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value

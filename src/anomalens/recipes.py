@@ -3,15 +3,21 @@
 A recipe fixes everything that decides a trained result besides the data itself: method options
 (resolution, compatibility switches), per-stage training settings (epochs, lr, betas, batch size,
 sampler, precision, schedule), the split of the auxiliary dataset it trains on, and what ``--shots N``
-means. `anomalens train --recipe NAME` applies one (the user's own flags still win) and records it in
-the model file and in evaluation results (``describe()["recipe"]``). docs/recipes.md has the table of
+means. A recipe's training settings are named overrides of the method's schedule (its per-stage
+`TrainConfig` defaults, ``Method.schedule_class``): `apply` writes them into ``method.schedule``, and
+the user's own `fit` overrides apply on top, so they still win. `anomalens train --recipe NAME` applies
+one and records it in the model file and in evaluation results (``describe()["recipe"]``, next to
+``describe()["schedule"]``). docs/recipes.md has the table of
 paper vs official code vs recipe per method; each entry below cites where its values come from.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from anomalens.methods.base import Method
 
 RECIPE_NAMES = ("official", "paper")
 
@@ -25,8 +31,8 @@ class Recipe:
         name: "official" (the released training code) or "paper".
         source: where the values come from (file:line at a commit, or paper section).
         options: method options (`create(**options)`).
-        train: training overrides (`fit(**train)`: a TrainConfig field for every stage, or
-            ``"stage.field"`` for one).
+        train: overrides of the method's schedule (a TrainConfig field for every stage, or
+            ``"stage.field"`` for one; `contracts.override_schedule`).
         auxiliary: the auxiliary dataset the paper's main table trains on, with its split.
         split: split of the auxiliary dataset to train on.
         shots: what ``--shots N`` selects for this method (`data.shot_subset` semantics).
@@ -170,12 +176,15 @@ RECIPES: dict[str, dict[str, Recipe]] = {
             "paper 000 Table 7 (text: 5 epochs, batch 16, lr 2e-5; image: 20 epochs, batch 8, lr 3e-4, "
             "MultiStepLR 16k/32k, gamma 0.5; Adam(0.5, 0.999)); B.1 (no mixed precision); A.10 (N normal "
             "+ N anomalous per class); no official code exists",
-            options={"image_lr": 3e-4, "image_schedule": "multistep"},
             train={
                 "text.epochs": 5,
                 "text.batch_size": 16,
+                "text.lr": 2e-5,
                 "image.epochs": 20,
                 "image.batch_size": 8,
+                "image.lr": 3e-4,
+                "image.schedule": "multistep",
+                "image.milestones": (16000, 32000),
                 "betas": (0.5, 0.999),
                 "amp": False,
             },
@@ -194,3 +203,12 @@ def recipe(method: str, name: str) -> Recipe:
         have = ", ".join(available) or "none"
         raise ValueError(f"no recipe {name!r} for {method}; available: {have}")
     return available[name]
+
+
+def apply(method: Method, recipe: Recipe) -> None:
+    """Record `recipe` on `method` and apply its training overrides to ``method.schedule`` (the options
+    are the caller's to pass to `create`); overrides given to `fit` later apply on top."""
+    from anomalens.contracts import override_schedule  # imports torch: not at `anomalens --help`
+
+    method.recipe = recipe.describe()
+    method.schedule = override_schedule(method.schedule, recipe.train)

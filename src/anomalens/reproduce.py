@@ -247,6 +247,7 @@ def _train_leg(
     """Train the protocol's method on `leg.train` with the recipe; the user's overrides win."""
     import anomalens.data as al_data
     from anomalens.methods import create
+    from anomalens.recipes import apply as apply_recipe
     from anomalens.recipes import recipe as named_recipe
 
     recipe = named_recipe(protocol.method, protocol.recipe)
@@ -257,15 +258,14 @@ def _train_leg(
         device=device,
         **{**recipe.options, **protocol.options, **(options or {})},
     )
-    model.recipe = recipe.describe()
+    apply_recipe(model, recipe)
     spec = _spec(leg.train, root)
     dataset = al_data.shot_subset(
         al_data.load(spec, recipe.split), leg.train_shots, model.shot_semantics, seed=seed
     )
     support = al_data.load(spec, "all") if model.needs_support else None
-    user = dict(train_options or {})
-    overrides = {k: v for k, v in recipe.train.items() if k.rpartition(".")[2] not in user} | user
-    model.fit(dataset, out_dir=run_dir, seed=seed, progress=progress, support_data=support, **overrides)
+    train = dict(train_options or {})  # on top of the recipe's schedule: the user's values win
+    model.fit(dataset, out_dir=run_dir, seed=seed, progress=progress, support_data=support, **train)
     return model
 
 

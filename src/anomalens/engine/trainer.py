@@ -35,7 +35,14 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from anomalens.contracts import FROZEN_PREFIXES, Stage, TrainBatch, TrainConfig, TrainProgress
+from anomalens.contracts import (
+    FROZEN_PREFIXES,
+    Stage,
+    TrainBatch,
+    TrainConfig,
+    TrainProgress,
+    override_configs,
+)
 from anomalens.data.types import Dataset, Sample
 from anomalens.engine import checkpoint, distributed
 from anomalens.engine.sampling import BalancedBatchSampler
@@ -49,7 +56,6 @@ LOG_FILE = "train_log.jsonl"
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = (None, "multistep", "cosine")
 SAMPLERS = ("shuffle", "balanced")
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 History = dict[str, list[dict[str, float]]]
 
@@ -60,40 +66,9 @@ class NonFiniteError(FloatingPointError):
 
 # ---------------------------------------------------------------------- configuration
 def resolve_configs(stages: Sequence[Stage], overrides: Mapping[str, Any]) -> dict[str, TrainConfig]:
-    """Each stage's `TrainConfig` with `overrides` applied, validated.
-
-    ``{"lr": 1e-4}`` applies to every stage, ``{"image.lr": 1e-4}`` to stage "image" only (and wins over
-    the former). Unknown fields or stages are a ValueError naming them. Lists become tuples where the
-    field is a tuple (values coming from JSON or a CLI) and ints become floats where it is a float.
-    """
-    names = [s.name for s in stages]
-    common: dict[str, Any] = {}
-    per_stage: dict[str, dict[str, Any]] = {n: {} for n in names}
-    for key, value in overrides.items():
-        stage, dot, name = key.rpartition(".")
-        if name not in _FIELDS:
-            raise ValueError(
-                f"unknown training option {key!r}; valid: {', '.join(_FIELDS)} "
-                f"(for one stage: <stage>.<option>, stages: {', '.join(names)})"
-            )
-        if dot and stage not in per_stage:
-            raise ValueError(f"training option {key!r}: no stage {stage!r}; stages: {', '.join(names)}")
-        (per_stage[stage] if dot else common)[name] = value
-    configs = {}
-    for s in stages:
-        config = s.config
-        for name, value in {**common, **per_stage[s.name]}.items():
-            config = dataclasses.replace(config, **{name: _coerce(getattr(config, name), value)})
-        configs[s.name] = _validated(s.name, config)
-    return configs
-
-
-def _coerce(default: Any, value: Any) -> Any:
-    if isinstance(default, tuple) and isinstance(value, list):
-        return tuple(value)
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
+    """Each stage's `TrainConfig` with `overrides` applied (`contracts.override_configs`), validated."""
+    configs = override_configs({s.name: s.config for s in stages}, overrides)
+    return {name: _validated(name, config) for name, config in configs.items()}
 
 
 def _validated(stage: str, c: TrainConfig) -> TrainConfig:
@@ -262,6 +237,9 @@ def train_method(
                     f"not among the stages to run ({', '.join(s.name for _, s in plan)})"
                 )
             plan = plan[position.index(state.stage_index) :]
+        if method.schedule is not None:  # the model file and results record what this run trains with
+            ran = {s.name: configs[s.name] for _, s in plan}
+            method.schedule = dataclasses.replace(method.schedule, **ran)
         run.log(
             {
                 "event": "start",

@@ -134,6 +134,24 @@ class AACLIPConfig:
     official_compat: bool = False
 
 
+@dataclass(frozen=True)
+class AACLIPSchedule:
+    """Training-stage defaults (official `train.py:198-203,263-274`): text 5 epochs, batch 16, lr 1e-5;
+    image 20 epochs, batch 2, lr 5e-4, MultiStepLR 16k/32k per iteration; Adam(0.5, 0.999), augmented."""
+
+    text: TrainConfig = TrainConfig(epochs=5, batch_size=16, lr=1e-5, betas=(0.5, 0.999), augment=True)
+    image: TrainConfig = TrainConfig(
+        epochs=20,
+        batch_size=2,
+        lr=5e-4,
+        betas=(0.5, 0.999),
+        schedule="multistep",
+        milestones=(16000, 32000),
+        gamma=0.5,
+        augment=True,
+    )
+
+
 @dataclass
 class VisualBranch:
     """Stage-2 / test visual outputs: per-tap (or aggregated) unit-norm patch features and ``det``.
@@ -357,9 +375,9 @@ class AACLIP(Method):
     """AA-CLIP: two-stage residual-adapter adaptation of a frozen CLIP (module docstring)."""
 
     config_class = AACLIPConfig
+    schedule_class = AACLIPSchedule
     default_backbone = "ViT-L-14-336"
     default_pretrained = "openai"
-    trainable = True
     resize = "squash"
     pos_interp = "bicubic"
     shot_semantics = "per_class"  # paper §4.1: "2-shot" = one normal + one anomalous image per class
@@ -521,9 +539,7 @@ class AACLIP(Method):
                     name="text",
                     parameters=self._text_parameters,
                     loss=self.text_stage_loss,
-                    config=TrainConfig(
-                        epochs=5, batch_size=16, lr=1e-5, optimizer="adam", betas=(0.5, 0.999), augment=True
-                    ),
+                    config=self.schedule.text,
                     collate=functools.partial(self.collate_augmented, colour=False),
                 )
             )
@@ -536,17 +552,7 @@ class AACLIP(Method):
                     *self.det_projector.parameters(),
                 ],
                 loss=self.image_stage_loss,
-                config=TrainConfig(
-                    epochs=20,
-                    batch_size=2,
-                    lr=5e-4,
-                    optimizer="adam",
-                    betas=(0.5, 0.999),
-                    schedule="multistep",
-                    milestones=(16000, 32000),
-                    gamma=0.5,
-                    augment=True,
-                ),
+                config=self.schedule.image,
                 collate=functools.partial(self.collate_augmented, colour=True),
             )
         )

@@ -117,6 +117,15 @@ class AdaClipConfig:
     official_compat: bool = False
 
 
+@dataclass(frozen=True)
+class AdaClipSchedule:
+    """Training-stage defaults: 5 epochs, batch 1, AdamW(0.5, 0.999) at lr 0.01, weight decay 0.01."""
+
+    prompts: TrainConfig = TrainConfig(
+        epochs=5, batch_size=1, lr=0.01, optimizer="adamw", betas=(0.5, 0.999), weight_decay=0.01
+    )
+
+
 # ---------------------------------------------------------------------- equations
 def class_prompts(class_name: str) -> tuple[list[str], list[str]]:
     """The official ensemble sentences of one class (normal, anomalous); '-' in the name becomes ' '."""
@@ -217,9 +226,9 @@ class AdaClip(Method):
     """AdaCLIP: hybrid static + dynamic prompts in both CLIP towers, projection layers, HSF scoring."""
 
     config_class = AdaClipConfig
+    schedule_class = AdaClipSchedule
     default_backbone = "ViT-L-14-336"
     default_pretrained = "openai"
-    trainable = True
     resize = "squash"
     pos_interp = "bicubic"
 
@@ -365,10 +374,7 @@ class AdaClip(Method):
         return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
 
     def training_stages(self) -> list[Stage]:
-        config = TrainConfig(
-            epochs=5, batch_size=1, lr=0.01, optimizer="adamw", betas=(0.5, 0.999), weight_decay=0.01
-        )
-        return [Stage("prompts", self.learned_parameters, self.training_loss, config)]
+        return [Stage("prompts", self.learned_parameters, self.training_loss, self.schedule.prompts)]
 
 
 def _check_config(config: AdaClipConfig, backbone: ClipBackbone) -> None:

@@ -67,6 +67,13 @@ class AnomalyCLIPConfig:
     sigma: float = 4.0
 
 
+@dataclass(frozen=True)
+class AnomalyCLIPSchedule:
+    """Training-stage defaults: 15 epochs, batch 8, Adam(0.5, 0.999) at lr 1e-3."""
+
+    main: TrainConfig = TrainConfig(epochs=15, batch_size=8, lr=1e-3, betas=(0.5, 0.999))
+
+
 @full_precision
 def patch_probabilities(
     patches: torch.Tensor, text: torch.Tensor, temperature: float, grid: tuple[int, int], size: int
@@ -93,9 +100,9 @@ class AnomalyCLIP(Method):
     """AnomalyCLIP: learnable object-agnostic prompts and deep text prompts over a frozen CLIP with DPAM."""
 
     config_class = AnomalyCLIPConfig
+    schedule_class = AnomalyCLIPSchedule
     default_backbone = "ViT-L-14-336"
     default_pretrained = "openai"
-    trainable = True
     pos_interp = "bilinear"
 
     def __init__(self, config: AnomalyCLIPConfig, backbone: ClipBackbone):
@@ -174,5 +181,4 @@ class AnomalyCLIP(Method):
         return {"loss": loss, "segmentation": segmentation.detach(), "image": image_loss.detach()}
 
     def training_stages(self) -> list[Stage]:
-        config = TrainConfig(epochs=15, batch_size=8, lr=1e-3, optimizer="adam", betas=(0.5, 0.999))
-        return [Stage("main", lambda: [self.context, self.deep_prompts], self.loss, config)]
+        return [Stage("main", lambda: [self.context, self.deep_prompts], self.loss, self.schedule.main)]

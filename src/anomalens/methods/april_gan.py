@@ -107,6 +107,13 @@ class APRILGANConfig:
     few_shot_map_weight: float = 0.5
 
 
+@dataclass(frozen=True)
+class APRILGANSchedule:
+    """Training-stage defaults: 15 epochs, batch 8, Adam(0.5, 0.999) at lr 1e-3."""
+
+    main: TrainConfig = TrainConfig(epochs=15, batch_size=8, lr=1e-3, betas=(0.5, 0.999))
+
+
 @full_precision
 def segmentation_probabilities(
     tokens: torch.Tensor, anchors: torch.Tensor, grid: tuple[int, int], size: int
@@ -138,9 +145,9 @@ class APRILGAN(Method):
     """APRIL-GAN: linear patch-to-text projections trained with focal + dice; optional few-shot memory."""
 
     config_class = APRILGANConfig
+    schedule_class = APRILGANSchedule
     default_backbone = "ViT-L-14-336"
     default_pretrained = "openai"
-    trainable = True
 
     def __init__(self, config: APRILGANConfig, backbone: ClipBackbone):
         super().__init__(config, backbone)
@@ -217,5 +224,4 @@ class APRILGAN(Method):
         return {"loss": loss, "focal": focal.detach(), "dice": dice.detach()}
 
     def training_stages(self) -> list[Stage]:
-        config = TrainConfig(epochs=15, batch_size=8, lr=1e-3, optimizer="adam", betas=(0.5, 0.999))
-        return [Stage("main", self.projections.parameters, self.segmentation_loss, config)]
+        return [Stage("main", self.projections.parameters, self.segmentation_loss, self.schedule.main)]

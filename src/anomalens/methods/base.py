@@ -34,6 +34,7 @@ from anomalens.contracts import (
     TrainBatch,
     TrainConfig,
     TrainProgress,
+    override_schedule,
 )
 from anomalens.data.types import Dataset, Sample
 from anomalens.files import atomic_path
@@ -116,6 +117,9 @@ class Method(nn.Module):
     default_backbone: ClassVar[str] = "ViT-L-14-336"
     default_pretrained: ClassVar[str | None] = "openai"
     needs_support: ClassVar[bool] = False
+    # Training-stage defaults: a frozen dataclass with one `TrainConfig` field per stage, next to the
+    # config class (None = nothing to train); `trainable` is derived from it.
+    schedule_class: ClassVar[type | None] = None
     trainable: ClassVar[bool] = False
     # Which backbone family `build` loads: "clip" (open_clip names, `test-tiny`) or "dino" (timm DINOv2
     # names, `test-tiny-dino`).
@@ -130,10 +134,17 @@ class Method(nn.Module):
     # a few-shot method is its support at evaluation).
     shot_semantics: ClassVar[str] = "per_label"
 
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        cls.trainable = cls.schedule_class is not None
+
     def __init__(self, config: Any, backbone: nn.Module):
         super().__init__()
         self.config = config
         self.backbone = backbone
+        # The stage configs training uses: the defaults, with a recipe's overrides (`recipes.apply`),
+        # or what the last `fit` trained with, or what a loaded model file records.
+        self.schedule: Any = None if self.schedule_class is None else self.schedule_class()
         self.threshold: float | None = None
         self.recipe: dict[str, Any] | None = None  # the training recipe (`anomalens.recipes`), if any
         self._support_key: str | None = None
@@ -392,6 +403,7 @@ class Method(nn.Module):
             "options": json_safe(dataclasses.asdict(self.config)),
             "threshold": self.threshold,
             "recipe": self.recipe,
+            "schedule": None if self.schedule is None else json_safe(dataclasses.asdict(self.schedule)),
             "version": _version(),
         }
 
@@ -438,6 +450,13 @@ def load(path: str | os.PathLike, device: str = "auto", pretrained: str | None =
         )
     method.threshold = desc.get("threshold")
     method.recipe = desc.get("recipe")
+    if desc.get("schedule") and method.schedule is not None:
+        recorded = desc["schedule"]
+        overrides = {f"{stage}.{k}": v for stage, values in recorded.items() for k, v in values.items()}
+        try:
+            method.schedule = override_schedule(method.schedule, overrides)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
     return method.to(resolve_device(device)).eval()
 
 

@@ -25,7 +25,8 @@ reads them (every choice the paper leaves open is listed in ``docs/methods/core-
 * Scoring (A.9, Eq. 30-32): s(x) = σ(cos(z̃_crm, t̃1) − cos(z̃_crm, t̃0)); map = Σ_b α_b·(cos(p̃_b, t̃1) −
   cos(p̃_b, t̃0)) on the patch grid, bilinear to the input size.
 * Training (B.1-B.2, Table 7): stage "text" (text refinement, 5 epochs, batch 16, lr 2e-5), stage
-  "image" (CSR + CRM, 20 epochs, batch 8, lr 3e-4; B.1's conflicting 5e-5 via ``image_lr``), Adam
+  "image" (CSR + CRM, 20 epochs, batch 8, lr 3e-4; B.1's conflicting 5e-5 with a cosine schedule
+  via ``image.lr`` / ``image.schedule``), Adam
   (0.5, 0.999), MultiStepLR (16k, 32k iterations, γ = 0.5).
 
 Single-branch mode (``branches=("g",)``) is the paper's configuration for MVTec AD / VisA (B.1, C.4
@@ -72,7 +73,6 @@ PROMPT_SETS = {"context": CORE_CLIP_CONTEXT, "defect": CORE_CLIP_DEFECT}
 MASK_FILLS = ("zero", "black")
 GROUND_SOURCES = ("global", "clip")
 FUSE_CONS_SPACES = ("cosine", "logits")
-SCHEDULES = ("multistep", "cosine")
 
 
 @dataclass(frozen=True)
@@ -107,10 +107,6 @@ class CoReCLIPConfig:
         branch_weight, fuse_img_weight, fuse_cons_weight, fuse_ent_weight: weights of Eq. (28).
         fuse_cons_space: what Eq. (25) compares: "cosine" ([cos0, cos1], the paper's S) or "logits"
             (the CE logits s·[cos0, cos1], 10⁴ × larger with s = 100).
-        text_lr: learning rate of the text stage (Table 7).
-        image_lr: learning rate of the image stage (Table 7: 3e-4; B.1 says 5e-5).
-        image_schedule: "multistep" (Table 7) or "cosine" (B.1 and §6.4).
-        milestones: MultiStepLR milestones of the image stage, in optimiser steps (Table 7).
     """
 
     image_size: int | None = None
@@ -136,10 +132,24 @@ class CoReCLIPConfig:
     fuse_cons_weight: float = 0.5
     fuse_ent_weight: float = 0.05
     fuse_cons_space: str = "cosine"
-    text_lr: float = 2e-5
-    image_lr: float = 3e-4
-    image_schedule: str = "multistep"
-    milestones: tuple[int, ...] = (16000, 32000)
+
+
+@dataclass(frozen=True)
+class CoReCLIPSchedule:
+    """Training-stage defaults (Table 7): text 5 epochs, batch 16, lr 2e-5; image 20 epochs, batch 8,
+    lr 3e-4, MultiStepLR 16k/32k optimiser steps, γ 0.5; Adam(0.5, 0.999). B.1's reading of the image
+    stage: ``image.lr=5e-5``, ``image.schedule=cosine``."""
+
+    text: TrainConfig = TrainConfig(epochs=5, batch_size=16, lr=2e-5, betas=(0.5, 0.999))
+    image: TrainConfig = TrainConfig(
+        epochs=20,
+        batch_size=8,
+        lr=3e-4,
+        betas=(0.5, 0.999),
+        schedule="multistep",
+        milestones=(16000, 32000),
+        gamma=0.5,
+    )
 
 
 @dataclass
@@ -484,9 +494,9 @@ class CoReCLIP(Method):
     """CoRe-CLIP: tri-branch CSR adapters, refined text, text-conditioned fusion (module docstring)."""
 
     config_class = CoReCLIPConfig
+    schedule_class = CoReCLIPSchedule
     default_backbone = "ViT-L-14-336"
     default_pretrained = "openai"
-    trainable = True
     resize = "squash"
     pos_interp = "bicubic"
     shot_semantics = "per_label"  # A.10: N normal + N anomalous images per class
@@ -573,15 +583,12 @@ class CoReCLIP(Method):
 
     # ------------------------------------------------------------------ training
     def training_stages(self) -> list[Stage]:
-        c = self.config
         return [
             Stage(
                 name="text",
                 parameters=lambda: list(self.text_refiners.parameters()),
                 loss=self.text_stage_loss,
-                config=TrainConfig(
-                    epochs=5, batch_size=16, lr=c.text_lr, optimizer="adam", betas=(0.5, 0.999)
-                ),
+                config=self.schedule.text,
                 needs_progress=True,
             ),
             Stage(
@@ -591,16 +598,7 @@ class CoReCLIP(Method):
                     *([] if self.crm is None else self.crm.parameters()),
                 ],
                 loss=self.image_stage_loss,
-                config=TrainConfig(
-                    epochs=20,
-                    batch_size=8,
-                    lr=c.image_lr,
-                    optimizer="adam",
-                    betas=(0.5, 0.999),
-                    schedule=c.image_schedule,
-                    milestones=tuple(c.milestones) if c.image_schedule == "multistep" else (),
-                    gamma=0.5,
-                ),
+                config=self.schedule.image,
                 select=self._select_image,
             ),
         ]
@@ -763,8 +761,6 @@ def _check_config(config: CoReCLIPConfig) -> None:
         problems.append(f"fuse_cons_space must be one of {FUSE_CONS_SPACES}, got {config.fuse_cons_space!r}")
     if not 0.0 <= config.ortho_warmup <= 1.0:
         problems.append(f"ortho_warmup must be in [0, 1], got {config.ortho_warmup}")
-    if config.image_schedule not in SCHEDULES:
-        problems.append(f"image_schedule must be one of {SCHEDULES}, got {config.image_schedule!r}")
     if config.csr_layers < 1 or config.text_layers < 1 or config.attention_dim < 1:
         problems.append("csr_layers, text_layers and attention_dim must be >= 1")
     if problems:

@@ -136,6 +136,14 @@ class CraneConfig:
     official_compat: bool = False
 
 
+@dataclass(frozen=True)
+class CraneSchedule:
+    """Training-stage defaults (official `train.py:68,184-193`): 5 epochs, batch 8, Adam(0.6, 0.999) at
+    lr 1e-3."""
+
+    prompts: TrainConfig = TrainConfig(epochs=5, batch_size=8, lr=1e-3, betas=(0.6, 0.999))
+
+
 # The two official configurations (reproduce.sh): options to pass to `create("crane", **...)`.
 CONFIGURATIONS: dict[str, dict[str, Any]] = {
     "crane": {"use_dattn": False, "layers": (6, 12, 18, 24), "soft_mean": True},
@@ -279,9 +287,9 @@ class Crane(Method):
     """Crane / Crane+: E-Attn and D-Attn dense branches, context-guided learnable prompts."""
 
     config_class = CraneConfig
+    schedule_class = CraneSchedule
     default_backbone = "ViT-L-14-336"
     default_pretrained = "openai"
-    trainable = True
     resize = "squash"
     pos_interp = "bilinear"
 
@@ -470,8 +478,7 @@ class Crane(Method):
         return [self.ctx_normal, self.ctx_anomalous, *self.deep_prompts]
 
     def training_stages(self) -> list[Stage]:
-        config = TrainConfig(epochs=5, batch_size=8, lr=1e-3, optimizer="adam", betas=(0.6, 0.999))
-        return [Stage("prompts", self.prompt_parameters, self.training_loss, config)]
+        return [Stage("prompts", self.prompt_parameters, self.training_loss, self.schedule.prompts)]
 
 
 def _dino_weights(config: CraneConfig) -> str | None:

@@ -127,6 +127,31 @@ class InCTRLv2Config:
     logit_scale: float | None = None
 
 
+@dataclass(frozen=True)
+class InCTRLSchedule:
+    """Training-stage defaults (official `engine_IC.py`): AdamW(1e-3, weight decay 0.01), 10 epochs of
+    100 balanced batches of 8 normal + 8 anomalous images (`BalancedBatchSampler`)."""
+
+    main: TrainConfig = TrainConfig(
+        epochs=10,
+        batch_size=16,
+        lr=1e-3,
+        optimizer="adamw",
+        betas=(0.9, 0.999),
+        weight_decay=0.01,
+        max_steps_per_epoch=100,
+        sampler="balanced",
+    )
+
+
+@dataclass(frozen=True)
+class InCTRLv2Schedule:
+    """Training-stage defaults (paper 001 §5.1.3): Adam at lr 1e-3, 10 epochs, batch 48, per stage."""
+
+    dasl: TrainConfig = TrainConfig(epochs=10, batch_size=48, lr=1e-3)
+    oasl: TrainConfig = TrainConfig(epochs=10, batch_size=48, lr=1e-3)
+
+
 @dataclass
 class SupportFeatures:
     """Frozen features of K normal support images, for G = 1 (shared by a batch) or G = B (per query).
@@ -387,7 +412,6 @@ class _InCTRLBase(Method):
     default_backbone = "ViT-B-16-plus-240"
     default_pretrained = "laion400m_e32"
     needs_support = True
-    trainable = True
     resize = "short_side_crop"
     shot_semantics = "support"  # trained once on an auxiliary dataset; K-shot = support at evaluation
 
@@ -537,6 +561,7 @@ class InCTRL(_InCTRLBase):
     """InCTRL v1: text prior + image and patch in-context residuals through the holistic head η_h."""
 
     config_class = InCTRLConfig
+    schedule_class = InCTRLSchedule
 
     def __init__(self, config: InCTRLConfig, backbone: ClipBackbone):
         super().__init__(config, backbone)
@@ -587,23 +612,13 @@ class InCTRL(_InCTRLBase):
     def training_stages(self) -> list[Stage]:
         """Official `engine_IC.py`: AdamW(1e-3), 10 epochs of 100 balanced batches of 8 normal + 8
         anomalous images (`BalancedBatchSampler`), supports from the normal list."""
-        config = TrainConfig(
-            epochs=10,
-            batch_size=16,
-            lr=1e-3,
-            optimizer="adamw",
-            betas=(0.9, 0.999),
-            weight_decay=0.01,
-            max_steps_per_epoch=100,
-            sampler="balanced",
-        )
         modules = nn.ModuleList([self.adapter, self.ref_head, self.holistic_head])
         return [
             Stage(
                 "main",
                 modules.parameters,
                 self.loss,
-                config,
+                self.schedule.main,
                 self.select_all,
                 self.collate_with_support,
                 support=self.use_support_pool,
@@ -628,6 +643,7 @@ class InCTRLv2(_InCTRLBase):
     """InCTRLv2: in-context residuals + semantic-guided DASL (φ₁) and OASL (φ₂) maps, Eq. (9), (17)."""
 
     config_class = InCTRLv2Config
+    schedule_class = InCTRLv2Schedule
 
     def __init__(self, config: InCTRLv2Config, backbone: ClipBackbone):
         super().__init__(config, backbone)
@@ -725,14 +741,13 @@ class InCTRLv2(_InCTRLBase):
         return self._check_pool(oasl_subset(dataset))
 
     def training_stages(self) -> list[Stage]:
-        config = TrainConfig(epochs=10, batch_size=48, lr=1e-3, optimizer="adam")
         dasl = nn.ModuleList([self.adapter, self.ref_head, self.dasl_projection])
         return [
             Stage(
                 "dasl",
                 dasl.parameters,
                 self.dasl_loss,
-                config,
+                self.schedule.dasl,
                 self.select_dasl,
                 self.collate_with_support,
                 support=self.use_support_pool,
@@ -741,7 +756,7 @@ class InCTRLv2(_InCTRLBase):
                 "oasl",
                 self.oasl_projection.parameters,
                 self.oasl_loss,
-                config,
+                self.schedule.oasl,
                 self.select_oasl,
                 self.collate_with_support,
                 support=self.use_support_pool,
