@@ -34,6 +34,7 @@ def main() -> None:
     )
     parser.add_argument("--method", default="winclip")
     parser.add_argument("--backbone", default="test-tiny")
+    parser.add_argument("--pretrained", help="weights (default none: random); e.g. anomalens-mini")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--data", default="synthetic:defects?n=100&size=256")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -43,7 +44,11 @@ def main() -> None:
     args = parser.parse_args()
 
     method = al.create(
-        args.method, backbone=args.backbone, pretrained=None, device="cpu", image_size=args.image_size
+        args.method,
+        backbone=args.backbone,
+        pretrained=args.pretrained,
+        device="cpu",
+        image_size=args.image_size,
     )
     dataset = al.data.load(args.data, "test")
     n = len(dataset)
