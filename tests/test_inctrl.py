@@ -454,6 +454,22 @@ def test_losses_reach_only_their_stage_parameters(defects_all):
     assert stage.loss(one)["loss"].item() == 0.0  # batch-norm heads cannot use a batch of one
 
 
+def test_v1_trains_in_float64(defects_all):
+    """A model converted with ``.double()`` computes and learns in float64 end to end (the three-step
+    parity with the official code needs it: tests/test_parity_inctrl_steps.py)."""
+    model = _build("inctrl").double()
+    stage = model.training_stages()[0]
+    stage.support(defects_all)
+    data = stage.select(defects_all)
+    batch = stage.collate([data[i] for i in range(0, len(data), 10)], False)
+    batch = dataclasses.replace(batch, images=batch.images.double(), support=batch.support.double())
+    model.train()
+    out = stage.loss(batch)
+    assert out["loss"].dtype == torch.float64
+    out["loss"].backward()
+    assert all(p.grad.dtype == torch.float64 for p in model.holistic_head.parameters())
+
+
 def test_generalist_protocol_records_supports():
     from anomalens.protocols import run_protocol
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anomalens.losses import binary_focal_loss, dice_loss, focal_loss
+from anomalens.losses import at_least_fp32, binary_focal_loss, dice_loss, focal_loss
 
 S = 1e-5  # focal smooth
 
@@ -110,3 +110,13 @@ def test_similarity_heads_and_losses_stay_fp32_under_autocast():
     assert {t.dtype for t in (cos, prob, focal, dice)} == {torch.float32}
     torch.testing.assert_close(cos, compatibility(features, text))
     torch.testing.assert_close(focal, focal_loss(probs.bfloat16().float(), masks))
+
+
+def test_at_least_fp32_widens_half_precision_only():
+    for dtype, expected in (
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+    ):
+        assert at_least_fp32(torch.ones(2, dtype=dtype)).dtype == expected

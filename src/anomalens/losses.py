@@ -17,6 +17,12 @@ F_ = TypeVar("F_", bound=Callable[..., Any])
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 when it is half precision (fp16, bf16); float32 and float64 tensors unchanged
+    (so a model converted with ``.double()`` computes in float64 throughout, e.g. for parity tests)."""
+    return t.float() if t.dtype in _HALF else t
+
+
 def full_precision(fn: F_) -> F_:
     """Decorator: run `fn` in float32 whatever the autocast context (training with ``amp=True``).
 
@@ -25,7 +31,7 @@ def full_precision(fn: F_) -> F_:
     """
 
     def cast(value: Any) -> Any:
-        return value.float() if torch.is_tensor(value) and value.dtype in _HALF else value
+        return at_least_fp32(value) if torch.is_tensor(value) else value
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -52,6 +52,7 @@ from anomalens.backbones.registry import (
     resolve_device,
     resolve_pretrained,
 )
+from anomalens.losses import at_least_fp32
 
 POS_INTERP_MODES = ("bicubic", "bilinear")
 # Inference precisions of the image tower (`ClipBackbone.set_precision`).
@@ -520,13 +521,13 @@ class ClipBackbone(nn.Module):
         if eattn is not None and eattn.alias_taps:
             # Official Crane accumulates in place, so every stored tap is the final Z.
             branch = dict.fromkeys(eattn.taps, z)
-        x = x[:, :m].float()  # a no-op in fp32; half-precision blocks hand float32 to projections and heads
+        x = at_least_fp32(x[:, :m])  # half-precision blocks hand float32 to projections and heads
         return VisualOutput(
             cls=self.project(x[:, 0]),  # (B, embed_dim)
             final=x,
-            tokens={i: t.float() for i, t in tokens.items()},
-            branch={i: t.float() for i, t in branch.items()},
-            values={i: t.float() for i, t in values.items()},
+            tokens={i: at_least_fp32(t) for i, t in tokens.items()},
+            branch={i: at_least_fp32(t) for i, t in branch.items()},
+            values={i: at_least_fp32(t) for i, t in values.items()},
         )
 
     def attention_output(self, layer: int, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -573,7 +574,7 @@ class ClipBackbone(nn.Module):
             with self._autocast():
                 for i, block in enumerate(blocks, start=1):
                     part = self._block(block, part, cls_only=i == len(blocks))
-            pooled.append(part[:, 0].float())  # (chunk, D)
+            pooled.append(at_least_fp32(part[:, 0]))  # (chunk, D)
         return self.project(torch.cat(pooled)).view(b, n_win, -1)  # (B, n_win, embed_dim)
 
     # ------------------------------------------------------------------ text tower

@@ -38,6 +38,7 @@ from anomalens.contracts import (
 )
 from anomalens.data.types import Dataset, Sample
 from anomalens.files import atomic_path
+from anomalens.losses import at_least_fp32
 from anomalens.ops import resolve_device
 from anomalens.prompts import ensemble_text_features
 
@@ -316,8 +317,9 @@ class Method(nn.Module):
 
         ``compute(names)`` gives the (C, ...) anchors of the names not cached yet; it runs once per class
         name, without gradient and in full precision (outside autocast: the anchors are reused outside
-        it), and is stored as float32. The cache is emptied when the tensors in ``depends_on`` (the
-        learned text weights the anchors come from) change, which `weights_fingerprint` detects.
+        it), and is stored in float32 (float64 in a ``.double()`` model). The cache is emptied when the
+        tensors in ``depends_on`` (the learned text weights the anchors come from) change, which
+        `weights_fingerprint` detects.
         """
         key = weights_fingerprint(depends_on)
         if key != self._anchor_key:
@@ -325,7 +327,7 @@ class Method(nn.Module):
         missing = sorted(set(class_names) - set(self._anchor_cache))
         if missing:
             with torch.autocast(self.device.type, enabled=False):
-                self._anchor_cache.update(zip(missing, compute(missing).float(), strict=True))
+                self._anchor_cache.update(zip(missing, at_least_fp32(compute(missing)), strict=True))
         return torch.stack([self._anchor_cache[c] for c in class_names]).to(self.device)
 
     def prompt_anchors(

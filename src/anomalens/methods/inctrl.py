@@ -42,7 +42,7 @@ from torch import nn
 
 from anomalens.backbones import ClipBackbone
 from anomalens.data.types import DataError, Dataset, Sample
-from anomalens.losses import binary_focal_loss, dice_loss, focal_loss, full_precision
+from anomalens.losses import at_least_fp32, binary_focal_loss, dice_loss, focal_loss, full_precision
 from anomalens.methods.base import BatchPrediction, Method, Stage, TrainBatch, TrainConfig, register
 from anomalens.ops import anchor_logits, anchor_probability, nearest_similarity
 from anomalens.prompts import class_word, inctrl_prompts, winclip_prompts
@@ -219,7 +219,7 @@ def patch_residual_maps(
     b, n_layers, n, d = queries.shape
     g = memory.shape[0]
     with torch.autocast(queries.device.type, enabled=False):
-        q, m = queries.float(), memory.float()
+        q, m = at_least_fp32(queries), at_least_fp32(memory)
         # One memory for the batch: (L, B·N, D) against (L, R, D), so the memory is not copied per query.
         if g == 1:
             best = nearest_similarity(q.transpose(0, 1).reshape(n_layers, b * n, d), m[0], chunk_elements)
@@ -319,7 +319,8 @@ def image_focal_loss(scores: torch.Tensor, labels: torch.Tensor, logits: bool) -
     """InCTRL's binary focal loss (α = 1, γ = 2) in fp32 outside autocast (CUDA autocast refuses BCE on
     probabilities). scores: (B,) probabilities (or logits); labels: (B,) 0/1."""
     with torch.autocast(scores.device.type, enabled=False):
-        return binary_focal_loss(scores.float(), labels.float(), logits=logits)
+        scores = at_least_fp32(scores)
+        return binary_focal_loss(scores, labels.to(scores.dtype), logits=logits)
 
 
 def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
