@@ -38,7 +38,6 @@ from anomalens.contracts import (
 )
 from anomalens.data.types import Dataset, Sample
 from anomalens.files import atomic_path
-from anomalens.losses import at_least_fp32
 from anomalens.ops import resolve_device
 from anomalens.prompts import ensemble_text_features
 
@@ -327,7 +326,9 @@ class Method(nn.Module):
         missing = sorted(set(class_names) - set(self._anchor_cache))
         if missing:
             with torch.autocast(self.device.type, enabled=False):
-                self._anchor_cache.update(zip(missing, at_least_fp32(compute(missing)), strict=True))
+                wide = any(p.dtype == torch.float64 for p in self.parameters())
+                dtype = torch.float64 if wide else torch.float32
+                self._anchor_cache.update(zip(missing, compute(missing).to(dtype), strict=True))
         return torch.stack([self._anchor_cache[c] for c in class_names]).to(self.device)
 
     def prompt_anchors(
