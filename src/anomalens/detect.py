@@ -6,7 +6,6 @@ What `anomalens detect` runs; works on single files, folders and glob patterns, 
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import os
 from collections import deque
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from anomalens.data.types import Dataset, Record, Sample
+from anomalens_onnx.files import expand_inputs, unique_stem
 
 if TYPE_CHECKING:
     from anomalens.methods.base import Method
@@ -32,36 +32,6 @@ class Detection:
     rows: list[tuple[str, float, str | None]] = field(default_factory=list)
     heatmaps: list[Path] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
-
-
-def expand_inputs(inputs: Sequence[str]) -> list[str]:
-    """Image files named by `inputs`: files, folders (searched recursively) and glob patterns.
-
-    Folders and patterns yield files with an image suffix, skipping hidden ones (e.g. macOS "._x.png").
-    """
-    from anomalens.data.formats import IMAGE_SUFFIXES
-
-    def images(paths: Sequence[str]) -> list[str]:
-        return sorted(
-            p
-            for p in paths
-            if p.lower().endswith(IMAGE_SUFFIXES)
-            and not os.path.basename(p).startswith(".")
-            and os.path.isfile(p)
-        )
-
-    files: dict[str, None] = {}  # ordered, without duplicates
-    for item in inputs:
-        if os.path.isdir(item):
-            found = images([str(p) for p in Path(item).rglob("*")])
-        elif os.path.isfile(item):
-            found = [item]
-        else:
-            found = images(glob.glob(item, recursive=True))
-        if not found:
-            raise FileNotFoundError(f"no image found for {item!r}")
-        files.update(dict.fromkeys(found))
-    return list(files)
 
 
 def image_files(paths: Sequence[str], class_name: str | None = None) -> Dataset:
@@ -116,7 +86,7 @@ def detect(
     out.mkdir(parents=True, exist_ok=True)
     result = Detection(out / "scores.csv")
     taken: set[str] = set()
-    pngs = {f: out / "heatmaps" / f"{_unique_stem(Path(f).stem, taken)}.png" for f in files}
+    pngs = {f: out / "heatmaps" / f"{unique_stem(Path(f).stem, taken)}.png" for f in files}
     rank, shard = _shard(len(files), batch_size)  # under torchrun: the files this process scores
     mine = files if shard is None else [files[i] for i in shard]
     written: deque[Future[Path]] = deque()  # heatmaps being written, in order
@@ -188,11 +158,3 @@ def _merge_shards(result: Detection, mine: list[str], shard: list[int]) -> None:
     result.rows = [row for row, _, _ in merged if row is not None]
     result.heatmaps = [png for _, png, _ in merged if png is not None]
     result.failures = [message for _, _, message in merged if message is not None]
-
-
-def _unique_stem(stem: str, taken: set[str]) -> str:
-    name, n = stem, 2
-    while name in taken:
-        name, n = f"{stem}-{n}", n + 1
-    taken.add(name)
-    return name

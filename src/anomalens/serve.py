@@ -54,9 +54,9 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 from anomalens.data import DataError, read_image
-from anomalens.data.formats import IMAGE_SUFFIXES
 from anomalens.methods.base import Method
 from anomalens.viz import overlay
+from anomalens_onnx.files import IMAGE_SUFFIXES
 
 if TYPE_CHECKING:
     from anomalens.methods.base import Prediction

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import os
 import sys
 from collections.abc import Sequence
@@ -19,11 +18,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from anomalens_onnx.files import expand_inputs, unique_stem
 from anomalens_onnx.model import OnnxModel, read_image
 
 PROG = "anomalens-onnx"
 SHOWN_ROWS = 20  # rows printed when there are at most this many, as `anomalens detect`
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -73,7 +72,7 @@ def detect(args: argparse.Namespace) -> int:
         for (path, _), score, amap, verdict in zip(batch, pred.scores, pred.maps, verdicts, strict=True):
             rows.append((path, float(score), verdict))
             if args.heatmaps:
-                _save_grey(amap, out / "heatmaps" / f"{_unique_stem(Path(path).stem, names)}.png")
+                _save_grey(amap, out / "heatmaps" / f"{unique_stem(Path(path).stem, names)}.png")
     partial = out / f".scores.csv.{os.getpid()}"
     with open(partial, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
@@ -90,33 +89,6 @@ def detect(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def expand_inputs(inputs: Sequence[str]) -> list[str]:
-    """Image files named by files, folders (recursive) and glob patterns, as `anomalens detect` finds
-    them: image suffixes only, hidden files skipped, in sorted order, without duplicates."""
-
-    def images(paths: Sequence[str]) -> list[str]:
-        return sorted(
-            p
-            for p in paths
-            if p.lower().endswith(IMAGE_SUFFIXES)
-            and not os.path.basename(p).startswith(".")
-            and os.path.isfile(p)
-        )
-
-    files: dict[str, None] = {}
-    for item in inputs:
-        if os.path.isdir(item):
-            found = images([str(p) for p in Path(item).rglob("*")])
-        elif os.path.isfile(item):
-            found = [item]
-        else:
-            found = images(glob.glob(item, recursive=True))
-        if not found:
-            raise FileNotFoundError(f"no image found for {item!r}")
-        files.update(dict.fromkeys(found))
-    return list(files)
-
-
 def _save_grey(amap: np.ndarray, path: Path) -> None:
     """A map as 8-bit grey: [0, 1] → [0, 255] when it lies in [0, 1] (probabilities), else its own range."""
     m = np.nan_to_num(np.asarray(amap, dtype=np.float32))
@@ -124,15 +96,6 @@ def _save_grey(amap: np.ndarray, path: Path) -> None:
     scaled = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.round(scaled * 255).astype(np.uint8)).save(path)
-
-
-def _unique_stem(stem: str, taken: set[str]) -> str:
-    """`stem`, or `stem-2`, `stem-3`, ... when taken; the name returned is added to `taken`."""
-    name, n = stem, 2
-    while name in taken:
-        name, n = f"{stem}-{n}", n + 1
-    taken.add(name)
-    return name
 
 
 if __name__ == "__main__":

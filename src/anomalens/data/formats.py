@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from anomalens.data.io import decode_record
 from anomalens.data.types import DataError, Dataset, Record, check_classes, split_parts
+from anomalens_onnx.files import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Folder names that mean "normal" / "anomalous" in MVTec (good), BTAD (ok/ko) and generic folder layouts.
 NORMAL_DIRS = ("good", "normal", "ok")
 ANOMALY_DIRS = ("anomaly", "anomalous", "abnormal", "bad", "defect", "ko")
