@@ -17,13 +17,19 @@ def _run(code: str) -> str:
     return done.stdout.strip()
 
 
-LIGHT = ["import anomalens", "import anomalens.metrics", "import anomalens.data"]
+LIGHT = [
+    "import anomalens",
+    "import anomalens.metrics",
+    "import anomalens.data",
+    "from anomalens.cli import main; main(['list'])",  # `anomalens list` reads the method sources
+    "from anomalens.cli import main; main(['eval', '--help'])",
+]
 
 
 @pytest.mark.parametrize("statement", LIGHT)
 def test_light_imports_load_no_deep_learning_library(statement):
     loaded = _run(f"import sys; {statement}; print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
-    assert loaded == "[]"
+    assert loaded.splitlines()[-1] == "[]"  # the last line: after what a command prints
 
 
 def test_metrics_work_without_torch():
@@ -51,3 +57,46 @@ def test_open_clip_config_table_changes_on_first_use_only():
         "b.register_clip_configs(); print(before, 'test-tiny' in open_clip.list_models())"
     )
     assert out == "False True"
+
+
+def test_list_catalog_equals_the_registry():
+    """`anomalens list` reads the method files without importing them; the imported classes agree."""
+    from anomalens.catalog import MethodInfo, method_catalog
+    from anomalens.methods.base import list_methods, method_class
+
+    catalog = method_catalog()
+    assert list(catalog) == list_methods()
+    for name, info in catalog.items():
+        cls = method_class(name)
+        fields = (cls.trainable, cls.needs_support, cls.default_backbone, cls.default_pretrained)
+        assert info == MethodInfo(name, *fields)
+
+
+def test_catalog_reads_inherited_and_non_literal_attributes(tmp_path, monkeypatch):
+    import anomalens.catalog as catalog
+
+    (tmp_path / "base.py").write_text(
+        "class Method:\n    default_backbone = 'B'\n    default_pretrained = 'openai'\n"
+        "    needs_support = False\n    schedule_class: type | None = None\n"
+    )
+    (tmp_path / "_private.py").write_text("@register('hidden')\nclass Hidden(Method):\n    pass\n")
+    (tmp_path / "two.py").write_text(
+        "class _Base(Method):\n    needs_support = True\n    default_pretrained = None\n\n"
+        "@register('one')\nclass One(_Base):\n    schedule_class = OneSchedule\n\n"
+        "@register('two')\nclass Two(_Base):\n    default_backbone = 'X'\n"
+    )
+    monkeypatch.setattr(catalog, "METHODS_DIR", tmp_path)
+    catalog.method_catalog.cache_clear()
+    try:
+        assert catalog.method_catalog() == {
+            "one": catalog.MethodInfo("one", True, True, "B", None),
+            "two": catalog.MethodInfo("two", False, True, "X", None),
+        }
+        (tmp_path / "three.py").write_text(
+            "@register('three')\nclass Three(Method):\n    needs_support = f()\n"
+        )
+        catalog.method_catalog.cache_clear()
+        with pytest.raises(ValueError, match="three.py:3: needs_support must be a literal"):
+            catalog.method_catalog()
+    finally:
+        catalog.method_catalog.cache_clear()

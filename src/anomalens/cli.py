@@ -29,17 +29,14 @@ Handler = Callable[["argparse.Namespace"], int]
 
 # ---------------------------------------------------------------------- commands
 def cmd_list(args: argparse.Namespace) -> int:
-    from anomalens.backbones import list_backbones
-    from anomalens.methods.base import list_methods, method_class
+    from anomalens.catalog import list_backbones, method_catalog  # read from the sources: no torch
 
     print("methods:")
-    for name in list_methods():
-        cls = method_class(name)
-        kind = "trainable" if cls.trainable else "training-free"
-        shots = "few-shot" if cls.needs_support else "zero-shot"
-        print(
-            f"  {name:<12} {kind:<13} {shots:<9} default: {cls.default_backbone} ({cls.default_pretrained})"
-        )
+    for name, info in method_catalog().items():
+        kind = "trainable" if info.trainable else "training-free"
+        shots = "few-shot" if info.needs_support else "zero-shot"
+        default = f"{info.default_backbone} ({info.default_pretrained})"
+        print(f"  {name:<12} {kind:<13} {shots:<9} default: {default}")
     print("backbones (--backbone; --pretrained: an open_clip tag, 'openai', a file, or 'none'):")
     print("  " + ", ".join(list_backbones()))
     return 0
@@ -457,9 +454,10 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
             warnings.showwarning = lambda message, *_a, **_k: _warn(str(message))
             root.addHandler(log_handler)
         try:
-            from anomalens.engine.trainer import seed_everything
+            if args.handler is not cmd_list:  # listing draws no random number and imports no torch
+                from anomalens.engine.trainer import seed_everything
 
-            seed_everything(args.seed)
+                seed_everything(args.seed)
             args.progress = not args.quiet
             return args.handler(args)
         except KeyboardInterrupt:

@@ -36,19 +36,23 @@ from open_clip.constants import (
     OPENAI_DATASET_STD,
 )
 
+# The names live in the torch-free `anomalens.catalog` (read by `anomalens list`); re-exported here.
+from anomalens.catalog import (  # noqa: F401
+    DEFAULT_DINO,
+    MINI,
+    PAPER_BACKBONES,
+    TEST_TINY,
+    TEST_TINY_DINO,
+    list_backbones,
+)
 from anomalens.ops import resolve_device  # noqa: F401  (re-exported by anomalens.backbones)
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
-TEST_TINY = "test-tiny"
-TEST_TINY_DINO = "test-tiny-dino"
-# The CLIP pre-trained here on generated data (docs/anomalens-mini.md): config and weights ship with the
-# package, so pretrained="anomalens-mini" resolves to the packaged file (no download, no cache).
-MINI = "anomalens-mini"
+# The anomalens-mini config and weights ship with the package, so pretrained="anomalens-mini" resolves
+# to the packaged file (no download, no cache).
 PACKAGED_WEIGHTS = {(MINI, MINI): RESOURCES / f"{MINI}.safetensors"}
-DEFAULT_DINO = "vit_base_patch14_reg4_dinov2.lvd142m"
 # The package's random tiny backbone of each family (a method's `backbone_kind`).
 TINY_BACKBONES = {"clip": TEST_TINY, "dino": TEST_TINY_DINO}
-PAPER_BACKBONES = ("ViT-B-16", "ViT-B-16-plus-240", "ViT-L-14", "ViT-L-14-336")
 # Weight file names shared by many HF repositories: never matched on their own in a flat cache folder.
 GENERIC_HF_FILES = (HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, "model.safetensors", "pytorch_model.bin")
 # Seconds allowed for the reachability probe of a weight host.
@@ -335,9 +339,3 @@ def tiny_dino_kwargs() -> dict[str, Any]:
     """timm ``VisionTransformer`` keyword arguments of ``test-tiny-dino``."""
     with open(RESOURCES / f"{TEST_TINY_DINO}.json", encoding="utf-8") as f:
         return json.load(f)["kwargs"]
-
-
-def list_backbones() -> list[str]:
-    """The backbones the methods are written and tested for: the papers' CLIP ViTs, ``test-tiny``, and
-    the DINO models. Any other open_clip ViT with class-token pooling and standard blocks also loads."""
-    return [*PAPER_BACKBONES, TEST_TINY, MINI, DEFAULT_DINO, TEST_TINY_DINO]

@@ -90,13 +90,14 @@ def _discover() -> None:
     """Import every module of the `anomalens.methods` package once; each registers its method(s).
 
     A new method is one file in `methods/`: no import list to edit. Modules whose name starts with an
-    underscore are skipped (private helpers)."""
+    underscore are skipped (private helpers); `anomalens.catalog` reads the same modules without
+    importing them, for `anomalens list`."""
     import importlib
-    import pkgutil
 
-    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        if info.name != "base" and not info.name.startswith("_"):
-            importlib.import_module(f"{__package__}.{info.name}")
+    from anomalens.catalog import method_modules
+
+    for module in method_modules():
+        importlib.import_module(f"{__package__}.{module}")
 
 
 def method_class(name: str) -> type[Method]:
