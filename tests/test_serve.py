@@ -22,6 +22,8 @@ from anomalens.serve import MicroBatcher, QueueFull, accepts_support, create_app
 
 # Batched and single-image predictions agree to this (as in test_methods' batch-invariance test).
 ATOL = 1e-4
+# |int8 - fp32| score bound of a served test-tiny model (measured drift in the test that uses it).
+INT8_ATOL = 0.02
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +103,45 @@ def test_served_scores_equal_predict_and_heatmaps_have_the_image_size(zero_shot)
         heatmap = Image.open(io.BytesIO(base64.b64decode(result["heatmap_png"])))
         assert heatmap.size == (array.shape[1], array.shape[0]) and heatmap.mode == "RGB"
         assert abs(result["score"] - score) <= ATOL
+
+
+def test_served_int8_model_reports_its_precision_and_scores_near_fp32():
+    """int8 changes scores a little: over 120 random images and 3 weight seeds (test-tiny AA-CLIP at 64 px,
+    batch 1 and 8) max |int8 - fp32| was 0.0025 on a 0.19-0.25 score range; INT8_ATOL is 8x that."""
+    model = anomalens.create("aa-clip", backbone="test-tiny", pretrained=None, device="cpu", image_size=64)
+    arrays = images(2, seed=3)
+    fp32 = model.predict(arrays, "bottle", batch_size=1).scores
+    model.set_precision("int8")
+    expected = model.predict(arrays, "bottle", batch_size=1).scores
+    with TestClient(create_app(model)) as client:
+        info = client.get("/v1/model").json()
+        served = [
+            client.post("/v1/predict", files=upload(a), data={"class_name": "bottle"}).json() for a in arrays
+        ]
+    assert info["precision"] == "int8" and model.backbone.int8_blocks is not None
+    scores = np.array([r["score"] for r in served])
+    np.testing.assert_allclose(scores, expected, atol=ATOL, rtol=0)  # the int8 model's own predict
+    np.testing.assert_allclose(scores, fp32, atol=INT8_ATOL, rtol=0)
+
+
+def test_cli_serve_precision_sets_the_served_model(monkeypatch):
+    import anomalens.serve
+    from anomalens.cli import main
+
+    served = {}
+    monkeypatch.setattr(anomalens.serve, "run", lambda model, **_: served.setdefault("model", model))
+    tiny = [
+        "--method",
+        "aa-clip",
+        "--backbone",
+        "test-tiny",
+        "--pretrained",
+        "none",
+        "--set",
+        "image_size=64",
+    ]
+    assert main(["serve", *tiny, "--precision", "int8"]) == 0
+    assert served["model"].precision == "int8"
 
 
 def test_heatmap_false_and_no_threshold_give_nulls(zero_shot):

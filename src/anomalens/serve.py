@@ -3,7 +3,8 @@
 Endpoints (reference with curl examples in docs/serve.md):
 
 * ``GET /health``: 200 once the model is loaded and its worker thread runs, else 503.
-* ``GET /v1/model``: method, backbone, image size, threshold, default class, classes with support images.
+* ``GET /v1/model``: method, backbone, image size, precision, threshold, default class, classes with
+  support images.
 * ``POST /v1/predict``: multipart, one or more files in the field ``image``, optional form fields
   ``class_name`` and ``heatmap`` (default true) → ``{"score", "verdict", "width", "height", "heatmap_png"}``
   for one file, ``{"results": [...]}`` for several.
@@ -168,6 +169,7 @@ def create_app(
             "backbone": model.backbone.name,
             "pretrained": model.backbone.pretrained,
             "image_size": getattr(model.backbone, "image_size", None),
+            "precision": model.precision,
             "threshold": state.threshold,
             "needs_support": model.needs_support,
             "accepts_support": accepts_support(type(model)),
