@@ -19,10 +19,13 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 import anomalens as al  # noqa: E402
-from anomalens.export import export_onnx  # noqa: E402
+from anomalens.export import export_onnx, quantize_int8  # noqa: E402
 from anomalens.onnx_model import OnnxModel, bilinear  # noqa: E402
 
 SIZE = 64
+# int8 ONNX outputs vs fp32: |Δ| ≤ INT8_RTOL · max |fp32 output|. Measured on these test-tiny exports
+# (3 images): at most 0.4 % for scores (anomalyclip) and 0.6 % for maps (aa-clip); 5 % is 8x that.
+INT8_RTOL = 0.05
 TINY = {"backbone": "test-tiny", "pretrained": None, "device": "cpu", "image_size": SIZE}
 # (test id, method, extra options, support): every method that exports. Support "shots" = a 2-image support
 # set baked in; "fit" = PatchCore's memory bank fitted on a one-class dataset (the bank is a buffer of the
@@ -82,6 +85,58 @@ def test_metadata(exported):
     inputs = {i.name: i.shape for i in model.session.get_inputs()}
     assert list(inputs) == ["images"] and inputs["images"][1:] == [3, SIZE, SIZE]
     assert isinstance(inputs["images"][0], str)  # a symbolic (dynamic) batch dimension
+
+
+def test_int8_quantised_graph_runs_close_to_fp32_and_is_smaller(exported, tmp_path):
+    """ONNX Runtime's dynamic quantisation of the image blocks' MatMuls (what `export --precision int8`
+    applies to the traced fp32 graph) on every exported method."""
+    import onnx
+
+    method, _, path = exported
+    int8 = quantize_int8(path, tmp_path / "int8.onnx", method.backbone.int8_weights())
+    ops = [n.op_type for n in onnx.load(str(int8)).graph.node]
+    assert ops.count("MatMulInteger") >= 4  # at least one block's q/k/v, out-projection and MLP
+    images = _images(3, 1)
+    fp32, got = OnnxModel(path).predict(images, "bottle"), OnnxModel(int8).predict(images, "bottle")
+    assert got.scores.shape == (3,) and got.maps.shape == (3, SIZE, SIZE)
+    assert np.isfinite(got.scores).all() and np.isfinite(got.maps).all()
+    for out, ref in ((got.scores, fp32.scores), (got.maps, fp32.maps)):
+        np.testing.assert_allclose(out, ref, atol=INT8_RTOL * np.abs(ref).max(), rtol=0)
+    assert int8.stat().st_size < path.stat().st_size
+
+
+def test_cli_export_int8_writes_a_quantised_graph_with_its_precision(tmp_path, capsys):
+    import onnx
+
+    from anomalens.cli import main
+
+    tiny = ["--backbone", "test-tiny", "--pretrained", "none", "--set", f"image_size={SIZE}"]
+    out = tmp_path / "int8.onnx"
+    torch.manual_seed(0)
+    code = main(
+        [
+            "export",
+            "--method",
+            "aa-clip",
+            *tiny,
+            "--precision",
+            "int8",
+            "--class-name",
+            "bottle",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert "int8" in capsys.readouterr().out
+    model = OnnxModel(out)
+    assert model.precision == "int8" and model.metadata["precision"] == "int8"
+    assert "MatMulInteger" in {n.op_type for n in onnx.load(str(out)).graph.node}
+    torch.manual_seed(0)
+    method = al.create("aa-clip", **TINY)
+    images = _images(2, 4)
+    expected, got = method.predict(images, "bottle"), model.predict(images, "bottle")
+    np.testing.assert_allclose(got.scores, expected.scores, atol=INT8_RTOL * np.abs(expected.scores).max())
 
 
 @pytest.mark.parametrize("name", ["aa-clip", "winclip", "april-gan"])
@@ -166,6 +221,8 @@ def test_refusals_and_bad_arguments(tmp_path):
     winclip = al.create("winclip", **TINY)
     with pytest.raises(ValueError, match="distinct"):
         export_onnx(winclip, tmp_path / "w.onnx", ["a", "a"])
+    with pytest.raises(ValueError, match="precision 'bf16' cannot be exported"):
+        export_onnx(winclip.set_precision("bf16"), tmp_path / "w.onnx", ["bottle"])
     assert not list(tmp_path.iterdir())  # nothing written
 
 

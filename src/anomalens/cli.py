@@ -225,7 +225,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     support = expand_inputs(args.support) if args.support else None
     path = export_onnx(_model(args), args.out, args.class_names, support=support, opset=args.opset)
-    print(f"wrote {path} (classes: {', '.join(args.class_names)})")
+    print(f"wrote {path} (classes: {', '.join(args.class_names)}; precision {args.precision})")
     return 0
 
 
@@ -416,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, 413 (default 40e6)")
     p = command("export", cmd_export, "export a model to ONNX (docs/export.md): scores and maps, no torch")
     _model_options(p)
+    _precision_option(p)
     p.add_argument(
         "--class-name",
         dest="class_names",

@@ -11,16 +11,26 @@ for few-shot methods, the features of the support set. With several classes the 
 input ``class_index`` (B,) int64 into the metadata's class list: the anchors of all exported classes are
 in the graph and each image uses its own class's (one pass over the batch, whatever the classes).
 
+A method in int8 precision (`Method.set_precision`) is traced in fp32 and the graph is then quantised
+with ONNX Runtime's dynamic quantisation (`quantize_int8`): the MatMuls whose weight is one of the linear
+layers that PyTorch's int8 path quantises (the image blocks' q/k/v, out-projection and MLP) get int8
+weights per tensor and uint8 activations quantised per call; projections, adapters, similarity heads
+and the text constants stay fp32. (The torch-quantised model itself cannot be traced: torch.export
+cannot flatten its packed int8 weights.)
+
 Metadata (ONNX ``metadata_props``, all strings): ``anomalens.method``, ``anomalens.backbone``,
 ``anomalens.image_size``, ``anomalens.resize``, ``anomalens.classes`` (JSON list),
-``anomalens.threshold`` (JSON number or null), ``anomalens.support_images``, ``anomalens.version``.
-`anomalens.onnx_model.OnnxModel` reads them.
+``anomalens.threshold`` (JSON number or null), ``anomalens.support_images``, ``anomalens.precision``
+("fp32" or "int8"), ``anomalens.version``. `anomalens.onnx_model.OnnxModel` reads them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +62,8 @@ TEXT_FUNCTIONS = (
     "cached_anchors",
 )
 METADATA_PREFIX = "anomalens."
+# Precisions a graph can be exported in (`Method.precision`).
+EXPORT_PRECISIONS = ("fp32", "int8")
 
 
 class ExportGraph(nn.Module):
@@ -99,7 +111,8 @@ def export_onnx(
     """Write ``method`` as an ONNX model to ``out`` (see the module docstring for its contract).
 
     Args:
-        method: a built or loaded method (it is moved to the CPU for tracing).
+        method: a built or loaded method (it is moved to the CPU for tracing); its precision
+            (`Method.set_precision`), "fp32" or "int8", is the graph's (int8: see the module docstring).
         out: the .onnx file to write; written only once the export succeeded.
         class_names: the classes whose text anchors are baked in (at least one, no duplicates).
         support: normal images of the class for few-shot methods (baked in as features); required
@@ -108,9 +121,15 @@ def export_onnx(
         opset: ONNX opset (default: torch's).
 
     Raises:
-        ValueError: an unsupported method (set-level, maps finished on the host, or in `REFUSED`),
-            missing support, or bad class names.
+        ValueError: an unsupported method (set-level, maps finished on the host, or in `REFUSED`)
+            or precision, missing support, or bad class names.
     """
+    precision = method.precision
+    if precision not in EXPORT_PRECISIONS:
+        raise ValueError(
+            f"precision {precision!r} cannot be exported: ONNX export writes fp32 or int8 graphs "
+            "(ONNX Runtime's own CUDA/TensorRT providers choose half precision at run time)"
+        )
     if method.name in REFUSED:
         raise ValueError(REFUSED[method.name])
     if type(method).finish_map is not Method.finish_map:
@@ -130,12 +149,34 @@ def export_onnx(
     if method.needs_support and support is None:
         raise ValueError(f"method {method.name!r} needs support images (normal images of the class)")
     method = method.cpu().eval()
+    int8_weights = method.backbone.int8_weights() if precision == "int8" else []
     support_arrays = to_arrays(support, "support") if support is not None else []
     context = None
     if support_arrays:
         with torch.no_grad():
             images = method.backbone.preprocess(method.support_images(support_arrays), resize=method.resize)
             context = method.prepare_support(images)
+    method.set_precision("fp32")  # traced in fp32 (int8: quantised by ONNX Runtime below)
+    try:
+        program = _export_program(method, names, context, opset)
+    finally:
+        method.set_precision(precision)
+    metadata = export_metadata(method, names, len(support_arrays))
+    program.model.metadata_props.update({METADATA_PREFIX + k: v for k, v in metadata.items()})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if precision == "fp32":
+        program.save(str(out))
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp, "fp32.onnx")
+        program.save(str(fp32))
+        quantize_int8(fp32, out, int8_weights)
+    return out
+
+
+def _export_program(method: Method, names: list[str], context: Any, opset: int | None) -> Any:
+    """The `torch.onnx.ONNXProgram` of `ExportGraph` (see `export_onnx`)."""
     graph = ExportGraph(method, names, context).eval()
     size = method.backbone.image_size
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -158,7 +199,7 @@ def export_onnx(
             raise ValueError(
                 f"{method.name} cannot be exported to ONNX: torch.export failed: {reason}"
             ) from e
-    program = torch.onnx.export(
+    return torch.onnx.export(
         exported,
         args,
         input_names=inputs,
@@ -167,13 +208,69 @@ def export_onnx(
         dynamo=True,
         verbose=False,
     )
-    program.model.metadata_props.update(
-        {METADATA_PREFIX + k: v for k, v in export_metadata(method, names, len(support_arrays)).items()}
-    )
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    program.save(str(out))
-    return out
+
+
+def quantize_int8(source: str | os.PathLike, out: str | os.PathLike, weights: Sequence[torch.Tensor]) -> Path:
+    """ONNX Runtime's dynamic int8 quantisation of the MatMuls of ``source`` whose constant weight is one
+    of ``weights`` (each (out, in), as `nn.Linear` holds it; the graph multiplies by its transpose, or by
+    a row block of it where code slices the packed q/k/v weight); written to ``out``.
+
+    Weights int8 per tensor, activations uint8 quantised per call (``MatMulInteger`` after
+    ``DynamicQuantizeLinear``); every other node, and the metadata, unchanged.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    wanted = {_fingerprint(part) for w in weights for part in _row_blocks(w.detach().float().cpu().numpy())}
+    model = onnx.load(str(source))
+    constants = {i.name: i for i in model.graph.initializer}
+    nodes = [
+        node.name
+        for node in model.graph.node
+        if node.op_type == "MatMul"
+        and node.input[1] in constants
+        and _fingerprint(onnx.numpy_helper.to_array(constants[node.input[1]]).T) in wanted
+    ]
+    if not nodes:
+        raise ValueError("int8 export: no MatMul of the graph uses the image tower's linear weights")
+    # ONNX Runtime logs advice to run its pre-processing (shape inference and graph optimisations for
+    # static quantisation); dynamic MatMul quantisation does not need it.
+    advice = _DropRecords("Please consider to run pre-processing")
+    logging.getLogger().addFilter(advice)
+    try:
+        quantize_dynamic(
+            Path(source),
+            Path(out),
+            op_types_to_quantize=["MatMul"],
+            nodes_to_quantize=nodes,
+            weight_type=QuantType.QInt8,
+        )
+    finally:
+        logging.getLogger().removeFilter(advice)
+    return Path(out)
+
+
+class _DropRecords(logging.Filter):
+    """Drops log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def _row_blocks(weight: np.ndarray) -> list[np.ndarray]:
+    """A linear weight (out, in) and, for a packed q/k/v in-projection (3·in, in), its three blocks."""
+    d_out, d_in = weight.shape
+    return [weight, *np.split(weight, 3)] if d_out == 3 * d_in else [weight]
+
+
+def _fingerprint(weight: np.ndarray) -> tuple[tuple[int, ...], str]:
+    """Shape and a hash of the float32 values of a (out, in) weight."""
+    values = np.ascontiguousarray(weight, dtype=np.float32).tobytes()
+    return weight.shape, hashlib.blake2b(values, digest_size=16).hexdigest()
 
 
 def export_metadata(method: Method, class_names: Sequence[str], support_images: int) -> dict[str, str]:
@@ -188,6 +285,7 @@ def export_metadata(method: Method, class_names: Sequence[str], support_images: 
         "classes": json.dumps(list(class_names)),
         "threshold": json.dumps(method.threshold),
         "support_images": str(support_images),
+        "precision": method.precision,
         "version": __version__,
     }
 

@@ -38,7 +38,8 @@ class OnnxModel:
     """An exported detector with a `Method.predict`-like API.
 
     Attributes (from the model's metadata): ``name`` (the method), ``backbone``, ``image_size``,
-    ``resize``, ``class_names`` (the exported classes), ``threshold`` (None when not calibrated).
+    ``resize``, ``class_names`` (the exported classes), ``threshold`` (None when not calibrated),
+    ``precision`` ("fp32", or "int8" for a dynamically quantised image tower).
     """
 
     needs_support = False  # support features, if any, are baked into the graph
@@ -72,6 +73,7 @@ class OnnxModel:
         self.resize = self.metadata.get("resize", "squash")
         self.class_names: list[str] = json.loads(self.metadata["classes"])
         self.threshold: float | None = json.loads(self.metadata.get("threshold", "null"))
+        self.precision = self.metadata.get("precision", "fp32")
         self._inputs = [i.name for i in self.session.get_inputs()]
 
     def predict(

@@ -249,6 +249,14 @@ class ClipBackbone(nn.Module):
         self.precision = precision
         return self
 
+    def int8_weights(self) -> list[torch.Tensor]:
+        """The weights (out, in) of the linear layers that "int8" precision quantises (`_int8_block`)."""
+        weights = []
+        for block in self.model.visual.transformer.resblocks:
+            weights += [block.attn.in_proj_weight, block.attn.out_proj.weight]
+            weights += [m.weight for m in block.mlp.modules() if isinstance(m, nn.Linear)]
+        return weights
+
     def _autocast(self) -> AbstractContextManager:
         """The autocast context of the image blocks in bf16 / fp16; otherwise nothing (a caller's own
         autocast, e.g. the training engine's AMP, stays in force)."""
