@@ -41,12 +41,29 @@ def test_lnamd_averages_the_neighbourhood_counting_zero_padding():
 
 def test_patch_to_image_distances_by_hand():
     e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
-    queries = torch.stack([e1, e2])[None]  # (1, 2, 2)
-    references = torch.stack([torch.stack([e1, -e1]), torch.stack([(e1 + e2) / math.sqrt(2), -e2])])
+    z = torch.stack(  # (N=3, L=2, C=2): the query image, then two references
+        [torch.stack([e1, e2]), torch.stack([e1, -e1]), torch.stack([(e1 + e2) / math.sqrt(2), -e2])]
+    )
     half = math.sqrt(2 - math.sqrt(2))  # cos 45° → √(2 − 2 cos)
-    expected = torch.tensor([[[0.0, half], [math.sqrt(2), half]]])  # (1, L=2, R=2)
-    torch.testing.assert_close(mu.patch_to_image_distances(queries, references, 1 << 20), expected)
-    torch.testing.assert_close(mu.patch_to_image_distances(queries, references, 1), expected)
+    expected = torch.tensor([[[0.0, 0.0, half], [0.0, math.sqrt(2), half]]])  # (1, L=2, N=3): own is 0
+    torch.testing.assert_close(mu.patch_to_image_distances(z, range(0, 1), tile=1), expected)
+    torch.testing.assert_close(mu.patch_to_image_distances(z, range(0, 1), tile=3), expected)
+    for tile in (1, 2):  # the whole set: pairs shared by two query tiles are multiplied once
+        torch.testing.assert_close(mu.patch_to_image_distances(z, range(0, 3), tile)[:1], expected)
+
+
+@pytest.mark.parametrize(
+    ("rows", "tile"), [(range(0, 7), 1), (range(0, 7), 3), (range(2, 6), 2), (range(3, 4), 4)]
+)
+def test_patch_to_image_distances_do_not_depend_on_the_tiling(rows, tile):
+    z = torch.nn.functional.normalize(
+        torch.randn(7, 5, 3, generator=torch.Generator().manual_seed(0)), dim=-1
+    )
+    brute = torch.cdist(z[:, None], z[None]).amin(dim=-1)  # (N, N, L): i's patches to image j
+    expected = brute.permute(0, 2, 1)[rows.start : rows.stop]  # (q, L, N)
+    out = mu.patch_to_image_distances(z, rows, tile)
+    others = torch.arange(7)[None] != torch.tensor(rows)[:, None]  # (q, N): own image (≈ 0) unused
+    torch.testing.assert_close(out.permute(0, 2, 1)[others], expected.permute(0, 2, 1)[others])
 
 
 def test_interval_average_by_hand():

@@ -25,6 +25,7 @@ backbone passes; comparisons are chunked so that their memory is bounded by ``ch
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,9 @@ class MuScConfig:
     chunk_mib: float = 256.0
 
 
+CACHE_BLOCK = 2**20  # float32 entries of one similarity block (4 MiB)
+
+
 # ---------------------------------------------------------------------- equations
 def layer_norm_map(tokens: torch.Tensor) -> torch.Tensor:
     """LNAMD's normalisation: each image's (L, C) patch tokens standardised over all L·C entries
@@ -106,33 +110,48 @@ def lnamd(tokens: torch.Tensor, grid: tuple[int, int], r: int) -> torch.Tensor:
     return F.normalize(tokens, dim=-1)
 
 
-def patch_to_image_distances(
-    queries: torch.Tensor, references: torch.Tensor, max_entries: int
-) -> torch.Tensor:
-    """MSM's patch-to-image distance: for each query patch and each reference image, the Euclidean
-    distance to the nearest patch of that image, ‖q − z‖ = √(2 − 2 cos) for unit vectors.
+def patch_to_image_distances(z: torch.Tensor, rows: range, tile: int) -> torch.Tensor:
+    """MSM's patch-to-image distance for the query images ``rows`` of the set: for each of their patches
+    and each image of the set (their own included), the Euclidean distance to that image's nearest
+    patch, ‖q − z‖ = √(2 − 2 cos) for unit vectors.
 
-    The similarities are computed in blocks of at most ``max_entries`` entries (at least one image
-    pair); a patch's nearest neighbour is a maximum, so the blocking does not change the result.
+    The cosine similarities are computed ``tile`` images × ``tile`` images at a time, in one reused
+    (tile·L) × (tile·L) buffer. A block between two query tiles serves both of them (the similarities of
+    image b's patches to image a's are the transpose of a's to b's), so when ``rows`` is the whole set
+    every image pair is multiplied once. Nearest neighbours are maxima: the tiling does not change the
+    result.
 
     Args:
-        queries: (Q, L, C) unit vectors of Q images.
-        references: (R, L', C) unit vectors of R images.
-        max_entries: bound on the entries of one (query patches × reference patches) block.
+        z: (N, L, C) unit vectors of the N images of the set.
+        rows: consecutive query images (step 1).
+        tile: images per side of one similarity block (≥ 1).
 
     Returns:
-        (Q, L, R) distances.
+        (q, L, N) distances, q = len(rows).
     """
-    q, length, _ = queries.shape
-    r, ref_length, _ = references.shape
-    step = max(1, max_entries // (q * length * ref_length))  # reference images per block
-    flat = queries.flatten(0, 1)  # (Q·L, C)
-    out = torch.empty(q * length, r, dtype=queries.dtype, device=queries.device)
-    for start in range(0, r, step):
-        block = references[start : start + step]  # (b, L', C)
-        sims = flat @ block.flatten(0, 1).T  # (Q·L, b·L')
-        out[:, start : start + block.shape[0]] = sims.unflatten(1, block.shape[:2]).amax(dim=2)
-    return (2.0 - 2.0 * out).clamp_min(0.0).sqrt().view(q, length, r)
+    n, length, _ = z.shape
+    start, stop = rows.start, rows.stop
+    flat = z.flatten(0, 1)  # (N·L, C)
+    buffer = z.new_empty(min(tile, len(rows)) * length * min(tile, n) * length)
+    table = z.new_empty(len(rows), length, n)  # largest similarities, then distances in place
+    for a in range(start, stop, tile):
+        a_end = min(a + tile, stop)
+        queries = flat[a * length : a_end * length]  # (ta·L, C)
+        for c in range(0, n, tile):
+            c_end = min(c + tile, n)
+            shared = start <= c and c_end <= stop and (c - start) % tile == 0  # c is a query tile too
+            if shared and c < a:
+                continue  # filled from the block (c, a)
+            if shared and c == a and tile == 1:
+                table[a - start, :, a] = 1.0  # an image's own patches: similarity 1
+                continue
+            sims = buffer[: len(queries) * (c_end - c) * length].view(len(queries), -1)
+            torch.mm(queries, flat[c * length : c_end * length].T, out=sims)  # (ta·L, tc·L)
+            sims = sims.view(a_end - a, length, c_end - c, length)
+            table[a - start : a_end - start, :, c:c_end] = sims.amax(dim=3)  # (ta, L, tc)
+            if shared and c > a:
+                table[c - start : c_end - start, :, a:a_end] = sims.amax(dim=1).permute(1, 2, 0)
+    return table.mul_(-2.0).add_(2.0).clamp_min_(0.0).sqrt_()
 
 
 def interval_average(distances: torch.Tensor, interval: tuple[float, float]) -> torch.Tensor:
@@ -149,7 +168,7 @@ def interval_average(distances: torch.Tensor, interval: tuple[float, float]) -> 
     m = distances.shape[-1]
     low = min(int(interval[0] * m), m - 1)
     high = max(int(interval[1] * m), low + 1)
-    return distances.sort(dim=-1).values[..., low:high].mean(dim=-1)
+    return distances.topk(high, dim=-1, largest=False).values[..., low:].mean(dim=-1)  # ascending
 
 
 def rscin(scores: torch.Tensor, embeddings: torch.Tensor, windows: Sequence[int]) -> torch.Tensor:
@@ -216,23 +235,29 @@ class MuSc(Method):
         """MSM maps of the whole set: mean over taps and r of each patch's interval-averaged distance to
         the N − 1 other images. tokens: per tap (N, L, C) → (N, L).
 
-        Queries are taken ``q`` images at a time so that their (q, L, N) distances stay within
-        ``chunk_mib`` (at least one image: one row of L·N distances).
+        Memory beyond the stored tokens and one LNAMD copy of one tap: one similarity block of at most
+        4 MiB and a quarter of ``chunk_mib`` (at least one image pair), and at most half of ``chunk_mib``
+        for the (q, L, N) distances of q query images (at least one image; the larger q, the more image
+        pairs are multiplied once for both images); LNAMD runs on as many images at a time.
         """
-        n, length, _ = tokens[0].shape
-        max_entries = max(1, int(self.config.chunk_mib * 2**20 / 4))  # float32 entries
-        q = max(1, max_entries // (length * n))
-        columns = torch.arange(n, device=tokens[0].device)
+        n, length, width = tokens[0].shape
+        budget = self.config.chunk_mib * 2**20 / 4  # float32 entries
+        block = min(budget / 4, CACHE_BLOCK)  # ≤ 4 MiB blocks stay in cache: fastest on CPU
+        tile = max(1, int(math.sqrt(block) / length))  # (tile·L)² ≤ block
+        q = max(tile, int(budget / 2 / (length * n)) // tile * tile)  # q·L·N ≤ budget / 2
+        step = max(1, int(budget / 2 / (length * width)))  # images per LNAMD pass
         total = torch.zeros(n, length, dtype=torch.float64, device=tokens[0].device)
         for layer in tokens:
             for r in self.config.r_list:
-                z = lnamd(layer, self.backbone.grid, r)  # (N, L, C)
+                z = torch.empty_like(layer)  # (N, L, C)
+                for s in range(0, n, step):
+                    z[s : s + step] = lnamd(layer[s : s + step], self.backbone.grid, r)
                 for start in range(0, n, q):
-                    rows = columns[start : start + q]  # (q,)
-                    d = patch_to_image_distances(z[rows], z, max_entries)  # (q, L, N)
-                    others = columns[None].expand(len(rows), -1)[columns[None] != rows[:, None]]
-                    others = others.view(len(rows), 1, n - 1).expand(-1, length, -1)  # (q, L, N-1)
-                    total[rows] += interval_average(d.gather(2, others), self.config.interval).double()
+                    rows = range(start, min(start + q, n))
+                    d = patch_to_image_distances(z, rows, tile)  # (q, L, N)
+                    for i, own in enumerate(rows):
+                        others = torch.cat([d[i, :, :own], d[i, :, own + 1 :]], dim=1)  # (L, N-1)
+                        total[own] += interval_average(others, self.config.interval).double()
         return (total / (len(tokens) * len(self.config.r_list))).float()
 
     def score_set(
