@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import anomalens.data as al_data
+from anomalens import create
 from anomalens.calibrate import calibrate, threshold_f1, threshold_from_normals
 from anomalens.engine import distributed
 from anomalens.evaluation import evaluate_method, markdown_table, write_results
@@ -399,3 +400,55 @@ def test_torchrun_shards_eval_and_detect_and_merges_exactly(tmp_path):
     scored = [json.loads((tmp_path / f"scored{r}.json").read_text()) for r in range(2)]
     assert [r["aa-clip"] for r in scored] == [[2, 2, 2, 2], [2, 2, 1]]
     assert [r["musc"] for r in scored] == [[4], [4]]
+
+
+def sequential_metrics(method: Method, dataset, batch_size: int, size: int | None) -> dict:
+    """The per-class metrics of a plain loop: decode, predict, set scores and metrics one after another."""
+    from anomalens import metrics
+
+    per_class = {}
+    for cls in dataset.class_names:
+        samples = [s for s in dataset if s.class_name == cls]
+        prediction = method.predict([s.image for s in samples], cls, batch_size=batch_size)
+        scores = np.asarray(method.set_scores(prediction, [cls] * len(samples)), dtype=np.float64)
+        masks, maps = [s.mask for s in samples], list(prediction.maps)
+        if size is not None:
+            pairs = [metrics.resize_for_eval(m, a, size) for m, a in zip(masks, maps, strict=True)]
+            masks, maps = [gt for gt, _ in pairs], [m for _, m in pairs]
+        labels = np.array([s.label for s in samples])
+        per_class[cls] = {k: float(v) for k, v in metrics.evaluate(labels, scores, masks, maps).items()}
+    return per_class
+
+
+@pytest.mark.parametrize("resolution", ["input", "model"])
+def test_pipeline_gives_the_results_of_a_sequential_loop(mvtec_root, resolution):
+    # Loader workers, the model and the metrics thread overlap; the numbers must not move at all.
+    method = create("aa-clip", backbone="test-tiny", pretrained=None, device="cpu", image_size=64)
+    dataset = al_data.load(f"mvtec:{mvtec_root}", "test")
+    seen = []
+    results = evaluate_method(
+        method,
+        dataset,
+        batch_size=3,
+        eval_resolution=resolution,
+        workers=2,
+        progress=False,
+        on_class=seen.append,
+    )
+    size = 64 if resolution == "model" else None
+    expected = sequential_metrics(method, dataset, 3, size)
+    assert results["datasets"]["mvtec"]["classes"] == expected
+    assert [r.class_name for r in seen] == ["bottle", "grid"]
+    assert [r.metrics for r in seen] == [expected["bottle"], expected["grid"]]
+    assert {m.shape for r in seen for m in r.maps} == {(64, 64) if size else (16, 16)}
+
+
+class NaNMaps(Deviation):
+    def forward_batch(self, images, class_names, support):
+        out = super().forward_batch(images, class_names, support)
+        return BatchPrediction(out.scores, out.maps * float("nan"))
+
+
+def test_an_error_in_the_metrics_thread_is_raised_by_evaluate(mvtec_root):
+    with pytest.raises(ValueError, match="NaN"):
+        evaluate_method(build(NaNMaps), f"mvtec:{mvtec_root}", workers=0, progress=False)

@@ -5,15 +5,23 @@ method), optionally with a K-shot normal support set sampled from the dataset's 
 the per-image predictions into set-level image scores with `Method.set_scores` (the hook through which
 methods that normalise per class over the evaluated set do so), and compute the metrics. Maps of one
 class are held in memory until its metrics are computed, as the official evaluators do.
+
+The pipeline overlaps the three kinds of work: loader worker processes decode and resize the images of
+the next batch (`anomalens.inference`), the model scores the current one, and a background thread
+computes the exact metrics of the previous class (`ClassMetrics`). The metrics are the same function of
+the same arrays as in a sequential loop, so the results are identical; at most two classes' maps are
+held at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,62 +118,118 @@ def evaluate_method(
     shards = Shards(method.set_level, batch_size)
     show = progress and shards.main
     n_images, seconds = 0, 0.0
-    for item in items:
-        dataset = al_data.load(item, split, classes) if isinstance(item, str) else item
-        if not len(dataset):
-            raise ValueError(f"dataset {dataset.name!r} is empty")
-        name = _unique(dataset.name, results["datasets"])
-        support_source = None
-        if shots is not None:
-            support_source = al_data.load(item, "train", classes) if isinstance(item, str) else support_data
-            if support_source is None:
-                raise ValueError(
-                    f"few-shot evaluation of dataset {name!r}: pass support_data (its train split)"
+    size = method.backbone.image_size if eval_resolution == "model" else None
+    per_dataset: dict[str, dict[str, dict[str, float | None]]] = {}  # filled by `background`, in order
+    with ClassMetrics(aupro_variant, size, on_class if shards.main else None) as background:
+        for item in items:
+            dataset = al_data.load(item, split, classes) if isinstance(item, str) else item
+            if not len(dataset):
+                raise ValueError(f"dataset {dataset.name!r} is empty")
+            name = _unique(dataset.name, per_dataset)
+            support_source = None
+            if shots is not None:
+                support_source = (
+                    al_data.load(item, "train", classes) if isinstance(item, str) else support_data
                 )
-            results["support_files"][name] = {}
-        per_class: dict[str, dict[str, float | None]] = {}
-        bar = tqdm(total=len(dataset), desc=f"eval {name}", unit="img", disable=not show, leave=False)
-        for group in shards.class_groups(dataset.class_names):
-            start = time.perf_counter()
-            scored = []  # per class: its dataset indices, the positions scored here, their results
-            for position, cls in enumerate(group):
-                support = idx = None
-                if support_source is not None:
-                    idx = al_data.sample_support(support_source, shots, support_seed, cls)
-                    results["support_files"][name][cls] = [support_source.records[i].path for i in idx]
-                indices = [i for i, r in enumerate(dataset.records) if r.class_name == cls]
-                mine = shards.items(len(indices), position)  # positions in `indices` scored here
-                local: tuple[Prediction | None, list] = (None, [])
-                if mine:
-                    if support_source is not None:
-                        support = [support_source[i].image for i in idx]
-                    local = predict_dataset(
-                        method,
-                        dataset.subset([indices[i] for i in mine]),
-                        support=support,
-                        batch_size=batch_size,
-                        on_batch=bar.update,
-                        workers=workers,
+                if support_source is None:
+                    raise ValueError(
+                        f"few-shot evaluation of dataset {name!r}: pass support_data (its train split)"
                     )
-                scored.append((indices, mine, local))
-            seconds += time.perf_counter() - start
-            for cls, (indices, mine, local) in zip(group, scored, strict=True):
+                results["support_files"][name] = {}
+            per_dataset[name] = {}
+            bar = tqdm(total=len(dataset), desc=f"eval {name}", unit="img", disable=not show, leave=False)
+            for group in shards.class_groups(dataset.class_names):
                 start = time.perf_counter()
-                prediction, masks = shards.gather(local, mine)
-                scores = np.asarray(method.set_scores(prediction, [cls] * len(indices)), dtype=np.float64)
+                scored = []  # per class: its dataset indices, the positions scored here, their results
+                for position, cls in enumerate(group):
+                    support = idx = None
+                    if support_source is not None:
+                        idx = al_data.sample_support(support_source, shots, support_seed, cls)
+                        results["support_files"][name][cls] = [support_source.records[i].path for i in idx]
+                    indices = [i for i, r in enumerate(dataset.records) if r.class_name == cls]
+                    mine = shards.items(len(indices), position)  # positions in `indices` scored here
+                    local: tuple[Prediction | None, list] = (None, [])
+                    if mine:
+                        if support_source is not None:
+                            support = [support_source[i].image for i in idx]
+                        local = predict_dataset(
+                            method,
+                            dataset.subset([indices[i] for i in mine]),
+                            support=support,
+                            batch_size=batch_size,
+                            on_batch=bar.update,
+                            workers=workers,
+                        )
+                    scored.append((indices, mine, local))
                 seconds += time.perf_counter() - start
-                n_images += len(indices)
-                labels = np.array([dataset.records[i].label for i in indices], dtype=np.int64)
-                maps = list(prediction.maps)
-                if eval_resolution == "model":
-                    maps, masks = _to_model_resolution(method, maps, masks)
-                per_class[cls] = class_metrics(labels, scores, masks, maps, aupro_variant)
-                if on_class is not None and shards.main:
-                    on_class(ClassResult(name, cls, dataset, indices, labels, scores, maps, per_class[cls]))
-        bar.close()
+                for cls, (indices, mine, local) in zip(group, scored, strict=True):
+                    start = time.perf_counter()
+                    prediction, masks = shards.gather(local, mine)
+                    scores = np.asarray(method.set_scores(prediction, [cls] * len(indices)), dtype=np.float64)
+                    seconds += time.perf_counter() - start
+                    n_images += len(indices)
+                    labels = np.array([dataset.records[i].label for i in indices], dtype=np.int64)
+                    job = ClassResult(name, cls, dataset, indices, labels, scores, list(prediction.maps), {})
+                    background.submit(job, masks, per_dataset[name])
+            bar.close()
+    for name, per_class in per_dataset.items():
         results["datasets"][name] = {"classes": per_class, **mean_over_classes(per_class)}
     results["timing"] = timing(n_images, seconds, str(method.device))
     return results
+
+
+class ClassMetrics:
+    """Computes each class's metrics in a background thread while the next class is scored.
+
+    `submit` hands over a class's `ClassResult` (metrics still empty) and its masks; the thread resizes
+    maps and masks to the model's input when `size` is given (`--eval-resolution model`) and computes
+    `class_metrics`. Then, in the calling thread and in submission order, the metrics go into the
+    ``per_class`` dict given with the class and `on_class` is called. `submit` first waits for the class
+    before (so at most one class waits while the next is scored: two classes' maps in memory at once);
+    leaving the ``with`` block waits for the last one. An error in the thread is raised by the call that
+    collects its class. numpy's sort and PIL's resize release the GIL, so the thread runs beside the
+    model on another core when one is free.
+    """
+
+    def __init__(
+        self, aupro_variant: str, size: int | None, on_class: Callable[[ClassResult], None] | None
+    ) -> None:
+        self.aupro_variant, self.size, self.on_class = aupro_variant, size, on_class
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomalens-metrics")
+        self.pending: tuple[Future[ClassResult], dict] | None = None
+
+    def __enter__(self) -> ClassMetrics:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            if exc_info[0] is None:
+                self._collect()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, result: ClassResult, masks: list[np.ndarray | None], per_class: dict) -> None:
+        """Start the metrics of `result`'s class; ``per_class[class_name]`` receives them."""
+        future = self.pool.submit(self._compute, result, masks)
+        self._collect()
+        self.pending = (future, per_class)
+
+    def _compute(self, result: ClassResult, masks: list[np.ndarray | None]) -> ClassResult:
+        maps = result.maps
+        if self.size is not None:
+            maps, masks = _to_model_resolution(self.size, maps, masks)
+        metrics = class_metrics(result.labels, result.scores, masks, maps, self.aupro_variant)
+        return dataclasses.replace(result, maps=maps, metrics=metrics)
+
+    def _collect(self) -> None:
+        if self.pending is None:
+            return
+        future, per_class = self.pending
+        self.pending = None
+        result = future.result()
+        per_class[result.class_name] = result.metrics
+        if self.on_class is not None:
+            self.on_class(result)
 
 
 def main_process() -> bool:
@@ -307,12 +371,11 @@ def write_results(results: dict, out_dir: str | os.PathLike) -> Path:
 
 # ---------------------------------------------------------------------- helpers
 def _to_model_resolution(
-    method: Method, maps: list[np.ndarray], masks: list[np.ndarray | None]
+    size: int, maps: list[np.ndarray], masks: list[np.ndarray | None]
 ) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
-    """Maps and masks resized to the model's square input size (`metrics.resize_for_eval`)."""
+    """Maps and masks resized to the model's square input size `size` (`metrics.resize_for_eval`)."""
     from anomalens.metrics import resize_for_eval
 
-    size = method.backbone.image_size
     pairs = [resize_for_eval(mask, amap, size) for mask, amap in zip(masks, maps, strict=True)]
     # A normal image keeps mask None (resize_for_eval returns an empty mask for it).
     return [m for _, m in pairs], [
