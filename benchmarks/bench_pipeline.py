@@ -1,31 +1,47 @@
 """Whole-evaluation throughput against the model's own throughput (issue 14, "the pipeline").
 
-In one process, alternated `--repeats` times on the same method and images:
+In one process, alternated `--repeats` times on the same method and images (`--runs` picks them):
 
 * model: `forward_batch` on batches already decoded, resized and in memory (normalisation included):
   what the model alone can do;
 * predict: `Method.predict` on decoded images in memory (adds resizing in this process and bringing
   the maps back to each image's size);
+* detect wN: `anomalens.detect` on the image files with N loader workers, heatmap PNGs included
+  (drawn and written in a background thread); one class name per call (per class with --per-class);
 * eval wN: `evaluate_method` over the dataset on disk with N loader workers: decoding, resizing, the
-  model, map resizing and every metric (AUPRO included), as `anomalens eval` runs it.
+  model, map resizing and every metric (AUPRO included), as `anomalens eval` runs it. Loader workers
+  decode the next batch and a background thread computes the previous class's metrics while the model
+  runs (`anomalens.evaluation`).
 
-Example (1,000 test images of 256 px; the set is generated once into the synthetic cache):
+Then, once, what the pipeline adds when nothing overlaps, each alone in this process: "decode" (read
+every image and mask from disk), "resize" (`Method.input_pixels`), "metrics" (`class_metrics` of every
+class on maps at the images' size). "sequential" = model + those three: an eval with no overlap would
+take about that long (map resizing excluded).
 
-    python benchmarks/bench_pipeline.py --method winclip --backbone test-tiny --image-size 224 \\
-        --data "synthetic:defects?n=100&size=256" --workers 0,1 --repeats 2
+Examples (1,000 test images of 256 px; the set is generated once into the synthetic cache,
+``$ANOMALENS_CACHE`` or ``~/.cache/anomalens``, not the repository):
+
+    python benchmarks/bench_pipeline.py --method aa-clip --backbone test-tiny --image-size 224 \\
+        --data "synthetic:defects?n=100&size=256" --runs model,predict,eval:0,eval:1 --repeats 2
+    python benchmarks/bench_pipeline.py --method april-gan --backbone ViT-B-16 --image-size 224 \\
+        --data "synthetic:defects?n=100&size=256" --runs model,eval:1 --repeats 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 import anomalens as al
-from anomalens.evaluation import evaluate_method
+from anomalens.detect import detect as detect_files
+from anomalens.evaluation import class_metrics, evaluate_method
+from anomalens.methods.base import resize_maps
 
 
 def main() -> None:
@@ -38,8 +54,17 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--data", default="synthetic:defects?n=100&size=256")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--workers", default="0,1", help="comma-separated loader worker counts to time")
+    parser.add_argument(
+        "--runs",
+        default="model,predict,eval:0,eval:1",
+        help="comma-separated: model, predict, eval:N, detect:N",
+    )
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--per-class",
+        action="store_true",
+        help="alternate the runs class by class (fair ratios when the load changes during long runs)",
+    )
     parser.add_argument("--aupro", default="mvtec", choices=("mvtec", "sampled"))
     args = parser.parse_args()
 
@@ -51,50 +76,116 @@ def main() -> None:
         image_size=args.image_size,
     )
     dataset = al.data.load(args.data, "test")
-    n = len(dataset)
-    images = [s.image for s in dataset]
+    n, b = len(dataset), args.batch_size
+    stages: dict[str, float] = {}
+    start = time.perf_counter()
+    samples = list(dataset)
+    stages["decode"] = time.perf_counter() - start
+    images = [s.image for s in samples]
     names = [r.class_name for r in dataset.records]
-    pixels = method.input_pixels(images)  # uint8 (N, 3, S, S)
+    start = time.perf_counter()
+    pixels = torch.cat([method.input_pixels(images[i : i + b]) for i in range(0, n, b)])  # uint8
+    stages["resize"] = time.perf_counter() - start
     print(
         f"{args.method} on {args.backbone} at {args.image_size} px, {n} images of {args.data}, "
-        f"batch {args.batch_size}, torch threads {torch.get_num_threads()}"
+        f"batch {b}, torch threads {torch.get_num_threads()}"
     )
 
-    def model() -> None:
+    outputs: list = []  # the model's last predictions, for the metrics stage
+
+    def model(part: list[int]) -> None:
         with torch.no_grad():
-            for start in range(0, n, args.batch_size):
-                x = method.backbone.normalize(pixels[start : start + args.batch_size])
-                method.forward_batch(x, names[start : start + args.batch_size], None)
+            for k in range(0, len(part), b):
+                i = part[k : k + b]
+                x = method.backbone.normalize(pixels[i])
+                outputs.append((i, method.forward_batch(x, [names[j] for j in i], None)))
 
-    def predict() -> None:
-        for start in range(0, n, args.batch_size):
-            stop = start + args.batch_size
-            method.predict(images[start:stop], names[start:stop], batch_size=args.batch_size)
+    def predict(part: list[int]) -> None:
+        for k in range(0, len(part), b):
+            i = part[k : k + b]
+            method.predict([images[j] for j in i], [names[j] for j in i], batch_size=b, pixels=pixels[i])
 
-    def evaluate(workers: int):
-        return lambda: evaluate_method(
+    def evaluate(workers: int) -> Callable[[list[int]], object]:
+        return lambda part: evaluate_method(
             method,
-            dataset,
-            batch_size=args.batch_size,
+            dataset.subset(part),
+            batch_size=b,
             progress=False,
             workers=workers,
             aupro_variant=args.aupro,
         )
 
-    runs = {"model": model, "predict": predict}
-    runs.update({f"eval w{w}": evaluate(w) for w in map(int, args.workers.split(","))})
+    def detect(workers: int) -> Callable[[list[int]], object]:
+        def run(part: list[int]) -> None:
+            with tempfile.TemporaryDirectory() as out:
+                files = [dataset.records[i].path for i in part]
+                detect_files(method, files, out, class_name=names[part[0]], progress=False, workers=workers)
+
+        return run
+
+    kinds = {"eval": evaluate, "detect": detect}
+    runs: dict[str, Callable[[list[int]], object]] = {}
+    for name in args.runs.split(","):
+        kind, _, workers = name.partition(":")
+        runs[f"{kind} w{workers}" if workers else name] = (
+            kinds[kind](int(workers)) if workers else {"model": model, "predict": predict}[name]
+        )
+    every = list(range(n))
+    if args.per_class:  # each class in turn through every run, the order flipped from class to class
+        parts = [[i for i in every if names[i] == c] for c in dataset.class_names] * args.repeats
+    else:
+        parts = [every] * args.repeats
     seconds: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(args.repeats):
-        for name, run in runs.items():
+    for p, part in enumerate(parts):
+        if p % (len(parts) // args.repeats) == 0:
+            outputs.clear()  # keep the model's predictions of the last repeat
+        for name in list(runs)[:: -1 if args.per_class and p % 2 else 1]:
             start = time.perf_counter()
-            run()
+            runs[name](part)
             seconds[name].append(time.perf_counter() - start)
-    rates = {k: n / float(np.median(v)) for k, v in seconds.items()}
-    print(f"| run | images/s (median of {args.repeats}) | / model |")
-    print("| --- | ---: | ---: |")
-    for k, r in rates.items():
-        print(f"| {k} | {r:.1f} | {r / rates['model']:.2f} |")
-    print(json.dumps({"seconds": seconds, "images": n}))
+        print("  " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in seconds.items()), flush=True)
+
+    if outputs:
+        stages["metrics"] = metrics_seconds(dataset, samples, outputs, args.aupro)
+    if args.per_class:  # seconds of the whole set: summed over the classes, averaged over repeats
+        median = {k: sum(v) / args.repeats for k, v in seconds.items()}
+    else:
+        median = {k: float(np.median(v)) for k, v in seconds.items()}
+    if "model" in median:
+        median["sequential (model + decode + resize + metrics)"] = median["model"] + sum(stages.values())
+    how = "summed over classes" if args.per_class else "median"
+    print(f"| run | seconds | images/s ({how}, {args.repeats} repeats) | / model |")
+    print("| --- | ---: | ---: | ---: |")
+    for k, s in median.items():
+        ratio = f"{median['model'] / s:.2f}" if "model" in median else "–"
+        print(f"| {k} | {s:.1f} | {n / s:.1f} | {ratio} |")
+    print("stages alone (s): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+    print(json.dumps({"seconds": seconds, "stages": stages, "images": n}))
+
+
+def metrics_seconds(dataset, samples, outputs, aupro: str) -> float:
+    """Seconds of `class_metrics` over the classes of the images in `outputs` ((indices, BatchPrediction)
+    of the model's last run), on its maps brought to the images' size."""
+    order = [i for part, _ in outputs for i in part]
+    scores = dict(zip(order, torch.cat([o.scores for _, o in outputs]).float().numpy(), strict=True))
+    model_maps = torch.cat([o.maps for _, o in outputs]).float()
+    maps = dict(zip(order, resize_maps(model_maps, [samples[i].image.shape[:2] for i in order]), strict=True))
+    total = 0.0
+    for cls in dataset.class_names:
+        idx = [i for i in order if dataset.records[i].class_name == cls]
+        if not idx:
+            continue
+        labels = np.array([dataset.records[i].label for i in idx])
+        start = time.perf_counter()
+        class_metrics(
+            labels,
+            np.array([scores[i] for i in idx]),
+            [samples[i].mask for i in idx],
+            [maps[i] for i in idx],
+            aupro,
+        )
+        total += time.perf_counter() - start
+    return total
 
 
 if __name__ == "__main__":
