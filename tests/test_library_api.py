@@ -85,6 +85,19 @@ def test_loader_workers_read_in_other_processes_and_change_no_result(winclip, mv
         list(predict_batches(winclip, dataset, batch_size=3, workers=2))
 
 
+def test_workers_can_send_only_the_image_sizes_back(winclip, mvtec_root):
+    # predict_dataset needs no image in this process: a worker sends its size with the resized pixels.
+    dataset = al_data.load(f"mvtec:{mvtec_root}", "test")
+    full = list(predict_batches(winclip, dataset, batch_size=3, workers=1))
+    sized = list(predict_batches(winclip, dataset, batch_size=3, workers=1, keep_images=False))
+    for (samples, a), (stand_ins, b) in zip(full, sized, strict=True):
+        np.testing.assert_array_equal(a.scores, b.scores)
+        np.testing.assert_array_equal(a.maps, b.maps)
+        assert [s.image.shape for s in stand_ins] == [s.image.shape for s in samples]
+        assert all(s.image.strides == (0, 0, 0) and not s.image.any() for s in stand_ins)
+        assert all(np.array_equal(s.mask, t.mask) for s, t in zip(samples, stand_ins, strict=True))
+
+
 def test_a_set_level_method_scores_the_whole_set_once_whatever_the_workers(mvtec_root):
     musc = create("musc", backbone="test-tiny", pretrained=None, device="cpu", image_size=64)
     dataset = al_data.load(f"mvtec:{mvtec_root}", "test", ["bottle"])

@@ -4,11 +4,13 @@ Images are read and resized to the model's input in data loader worker processes
 `DataLoader`) while the model scores the previous batch; the model's process only normalises them. A
 large set never sits in memory at once: the workers keep at most two batches each ahead. Each image is
 scored under its own record's class name. Results do not depend on the number of workers: the batches
-are the same and come back in order.
+are the same and come back in order. Where the caller needs no image (`predict_dataset`), a worker
+sends back only each image's size with the resized pixels: the model needs nothing else of it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -46,6 +48,20 @@ class LoadedBatch:
     failures: list[str]
     pixels: torch.Tensor | None  # uint8 (B, 3, S, S) from `Method.input_pixels`; None without samples
 
+    def with_images(self) -> LoadedBatch:
+        """The batch with each image a worker sent as its size only, (H, W, 0), made a `size_only`
+        stand-in of shape (H, W, 3) (no copy is made)."""
+        for s in self.samples:
+            if s.image.shape[2:] == (0,):
+                s.image = size_only(s.image.shape[:2])
+        return self
+
+
+def size_only(size: tuple[int, ...]) -> np.ndarray:
+    """A read-only uint8 (H, W, 3) array of zeros taking no memory (zero strides): an image's stand-in
+    where only its size is used (`Method.predict` given ``pixels`` reads nothing else of it)."""
+    return np.broadcast_to(np.zeros(1, np.uint8), (*size, 3))
+
 
 def predict_batches(
     method: Method,
@@ -56,6 +72,7 @@ def predict_batches(
     errors: list[str] | None = None,
     on_batch: Callable[[int], None] | None = None,
     workers: int | None = None,
+    keep_images: bool = True,
 ) -> Iterator[tuple[list[Sample], Prediction]]:
     """Yield (samples, prediction of those samples) for consecutive batches of `batch_size` images (a
     set-level method, e.g. MuSc, gets the whole dataset as one set; `batch_size` still bounds its passes).
@@ -64,7 +81,8 @@ def predict_batches(
     be decoded (`DataError`) is skipped and its one-line message appended; else the error propagates.
     on_batch: called with the number of records each batch consumed (decoded or skipped), e.g. a
     progress bar's ``update``. workers: loader processes that read and resize the images (0: in this
-    process; None: `default_workers`).
+    process; None: `default_workers`). keep_images: False replaces each yielded sample's image by a
+    stand-in of its size (`size_only`) wherever the worker resized it for the model.
     """
     n = len(dataset)
     chunks = [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
@@ -73,7 +91,7 @@ def predict_batches(
         raise ValueError(f"workers must be >= 0, got {workers}")
     prepare = getattr(method, "input_pixels", None)  # an ONNX model resizes inside its own predict
     pending: list[LoadedBatch] = []
-    for k, loaded in enumerate(load_batches(dataset, chunks, prepare, workers)):
+    for k, loaded in enumerate(load_batches(dataset, chunks, prepare, workers, keep_images)):
         if loaded.failures and errors is None:
             raise DataError(loaded.failures[0])
         if errors is not None:
@@ -98,12 +116,14 @@ def load_batches(
     chunks: Sequence[Sequence[int]],
     prepare: Callable[[list[np.ndarray]], torch.Tensor | None] | None,
     workers: int,
+    keep_images: bool = True,
 ) -> Iterator[LoadedBatch]:
     """The `LoadedBatch` of each chunk of record indices, in order; read by `workers` forked loader
-    processes (0: here, one batch at a time). ``prepare`` resizes a batch's images (or None)."""
-    batches = _Batches(dataset, chunks, prepare)
+    processes (0: here, one batch at a time). ``prepare`` resizes a batch's images (or None);
+    keep_images: as in `predict_batches`."""
+    batches = _Batches(dataset, chunks, prepare, keep_images)
     if workers == 0:
-        return (batches[i] for i in range(len(batches)))
+        return (batches[i].with_images() for i in range(len(batches)))
     loader = DataLoader(
         batches,
         batch_size=None,  # each item already is a batch
@@ -111,7 +131,7 @@ def load_batches(
         num_workers=workers,
         multiprocessing_context="fork",  # the dataset and method are inherited, not pickled
     )
-    return iter(loader)
+    return (batch.with_images() for batch in loader)
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -122,8 +142,9 @@ class _Batches(torch.utils.data.Dataset):
         dataset: Dataset,
         chunks: Sequence[Sequence[int]],
         prepare: Callable[[list[np.ndarray]], torch.Tensor | None] | None,
+        keep_images: bool,
     ):
-        self.dataset, self.chunks, self.prepare = dataset, chunks, prepare
+        self.dataset, self.chunks, self.prepare, self.keep_images = dataset, chunks, prepare, keep_images
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -138,6 +159,8 @@ class _Batches(torch.utils.data.Dataset):
         pixels = None
         if samples and self.prepare is not None:
             pixels = self.prepare([s.image for s in samples])
+        if pixels is not None and not self.keep_images:  # send (H, W, 0): the size without the pixels
+            samples = [dataclasses.replace(s, image=s.image[:, :, :0]) for s in samples]
         return LoadedBatch(samples, failures, pixels)
 
 
@@ -161,7 +184,13 @@ def predict_dataset(
     """
     parts, masks = [], []
     for samples, pred in predict_batches(
-        method, dataset, support=support, batch_size=batch_size, on_batch=on_batch, workers=workers
+        method,
+        dataset,
+        support=support,
+        batch_size=batch_size,
+        on_batch=on_batch,
+        workers=workers,
+        keep_images=False,
     ):
         parts.append(pred)
         masks.extend(s.mask for s in samples)
