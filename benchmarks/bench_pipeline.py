@@ -16,7 +16,9 @@ In one process, alternated `--repeats` times on the same method and images (`--r
 Then, once, what the pipeline adds when nothing overlaps, each alone in this process: "decode" (read
 every image and mask from disk), "resize" (`Method.input_pixels`), "metrics" (`class_metrics` of every
 class on maps at the images' size). "sequential" = model + those three: an eval with no overlap would
-take about that long (map resizing excluded).
+take about that long (map resizing excluded). "CPU s" = CPU seconds of this process and its loader
+workers: the work of a run, which the load of other processes on a shared machine hardly changes
+(wall seconds do); with C cores free, eval can at best reach C x model CPU / eval CPU of the model.
 
 Examples (1,000 test images of 256 px; the set is generated once into the synthetic cache,
 ``$ANOMALENS_CACHE`` or ``~/.cache/anomalens``, not the repository):
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -136,31 +139,49 @@ def main() -> None:
     else:
         parts = [every] * args.repeats
     seconds: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}  # CPU seconds, loader workers included
     for p, part in enumerate(parts):
         if p % (len(parts) // args.repeats) == 0:
             outputs.clear()  # keep the model's predictions of the last repeat
         for name in list(runs)[:: -1 if args.per_class and p % 2 else 1]:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), cpu_seconds()
             runs[name](part)
             seconds[name].append(time.perf_counter() - start)
+            cpu[name].append(cpu_seconds() - start_cpu)
         print("  " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in seconds.items()), flush=True)
 
     if outputs:
         stages["metrics"] = metrics_seconds(dataset, samples, outputs, args.aupro)
-    if args.per_class:  # seconds of the whole set: summed over the classes, averaged over repeats
-        median = {k: sum(v) / args.repeats for k, v in seconds.items()}
-    else:
-        median = {k: float(np.median(v)) for k, v in seconds.items()}
+    median, cpu_median = (
+        summary(seconds, args.per_class, args.repeats),
+        summary(cpu, args.per_class, args.repeats),
+    )
     if "model" in median:
         median["sequential (model + decode + resize + metrics)"] = median["model"] + sum(stages.values())
     how = "summed over classes" if args.per_class else "median"
-    print(f"| run | seconds | images/s ({how}, {args.repeats} repeats) | / model |")
-    print("| --- | ---: | ---: | ---: |")
+    print(f"| run | seconds ({how}, {args.repeats} repeats) | images/s | / model | CPU s | CPU / model |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for k, s in median.items():
         ratio = f"{median['model'] / s:.2f}" if "model" in median else "–"
-        print(f"| {k} | {s:.1f} | {n / s:.1f} | {ratio} |")
+        used = cpu_median.get(k)
+        cpu_cells = "– | –" if used is None else f"{used:.1f} | {used / cpu_median.get('model', used):.2f}"
+        print(f"| {k} | {s:.1f} | {n / s:.1f} | {ratio} | {cpu_cells} |")
     print("stages alone (s): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
-    print(json.dumps({"seconds": seconds, "stages": stages, "images": n}))
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "stages": stages, "images": n}))
+
+
+def summary(values: dict[str, list[float]], per_class: bool, repeats: int) -> dict[str, float]:
+    """Seconds of the whole set per run: summed over the classes and averaged over the repeats
+    (per_class), else the median of the repeats."""
+    if per_class:
+        return {k: sum(v) / repeats for k, v in values.items()}
+    return {k: float(np.median(v)) for k, v in values.items()}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its finished children (the loader workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def metrics_seconds(dataset, samples, outputs, aupro: str) -> float:
