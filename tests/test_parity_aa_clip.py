@@ -12,89 +12,33 @@ loss compared to 1e-4. Training steps of both stages (loss and gradients, stage 
 
 from __future__ import annotations
 
-import importlib
-import importlib.machinery
-import importlib.util
 import json
-import os
-import sys
-import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-OFFICIAL = Path(os.environ.get("ANOMALENS_OFFICIAL", "/nonexistent")) / "AA-CLIP"
-pytestmark = pytest.mark.skipif(not OFFICIAL.is_dir(), reason=f"official AA-CLIP source not at {OFFICIAL}")
+import official_code
+
+pytestmark = pytest.mark.skipif(
+    not official_code.available("aa-clip"), reason=f"official AA-CLIP source not at {official_code.AA_CLIP}"
+)
 
 SIZE = 112
-BACKBONE = "ViT-L-14-336"
-# Top-level module names of the official tree, removed again after the tests.
-OFFICIAL_MODULES = ("model", "dataset", "utils", "forward_utils")
-# Imported by the official modules but unused on the paths compared here.
-STUBBED = ("ipdb", "cv2", "pandas")
-
-
-def _stub(name: str, **attributes: object) -> types.ModuleType:
-    """An empty importable module (with a spec, which torch's lazy imports look for)."""
-    module = types.ModuleType(name)
-    module.__spec__ = importlib.machinery.ModuleSpec(name, loader=None)
-    module.__dict__.update(attributes)
-    return module
 
 
 @pytest.fixture(scope="module")
 def official():
     pytest.importorskip("kornia", reason="the official AA-CLIP code needs kornia")
-    saved = dict(sys.modules)
-    for name in STUBBED:
-        if importlib.util.find_spec(name) is None:
-            sys.modules[name] = _stub(name)
-    if importlib.util.find_spec("pkg_resources") is None:
-        import packaging.version
-
-        sys.modules["pkg_resources"] = _stub("pkg_resources", packaging=packaging)
-    sys.path.insert(0, str(OFFICIAL))
-    try:
-        yield types.SimpleNamespace(
-            model=importlib.import_module("model.model"),
-            clip=importlib.import_module("model.clip"),
-            adapter=importlib.import_module("model.adapter"),
-            forward=importlib.import_module("forward_utils"),
-            dataset=importlib.import_module("dataset"),
-        )
-    finally:
-        sys.path.remove(str(OFFICIAL))
-        for name in list(sys.modules):
-            if name not in saved and name.split(".")[0] in (*OFFICIAL_MODULES, *STUBBED, "pkg_resources"):
-                del sys.modules[name]
+    with official_code.aa_clip_modules() as mods:
+        yield mods
 
 
 @pytest.fixture(scope="module")
 def pair(official, tmp_path_factory):
-    """(official AdaptedCLIP, our converted method, run folder) on the same random weights."""
-    import open_clip
-
-    from anomalens.backbones.registry import RANDOM_INIT_SEED
-    from anomalens.converters import convert
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)  # what load_clip does for pretrained=None
-        native = open_clip.create_model(BACKBONE, pretrained=None, quick_gelu=False).state_dict()
-    cfg = official.clip.get_model_config(BACKBONE)
-    cfg["vision_cfg"]["image_size"] = SIZE
-    clip = official.model.CLIP(**cfg)
-    official.model.resize_pos_embed(native, clip)
-    clip.load_state_dict(native, strict=True)
-    torch.manual_seed(1)
-    theirs = official.adapter.AdaptedCLIP(clip_model=clip.eval(), relu=False).eval()
-    run = tmp_path_factory.mktemp("aa_clip_run")
-    torch.save({"epoch": 5, "text_adapter": theirs.text_adapter.state_dict()}, run / "text_adapter.pth")
-    torch.save({"epoch": 20, "image_adapter": theirs.image_adapter.state_dict()}, run / "image_adapter.pth")
-    ours = convert("aa-clip", str(run), backbone=BACKBONE, pretrained=None, image_size=SIZE, device="cpu")
-    return theirs, ours, run
+    """(official AdaptedCLIP, our converted method) on the same random weights."""
+    return official_code.aa_clip_pair(official, tmp_path_factory.mktemp("aa_clip_run"), SIZE)
 
 
 def _images(n: int, seed: int) -> np.ndarray:
@@ -102,7 +46,7 @@ def _images(n: int, seed: int) -> np.ndarray:
 
 
 def test_preprocessing_matches(official, pair, tmp_path):
-    _, ours, _ = pair
+    _, ours = pair
     image = np.random.default_rng(0).integers(0, 256, (150, 130, 3), dtype=np.uint8)
     mask = np.zeros((150, 130), np.uint8)
     mask[20:70, 30:90] = 255
@@ -118,7 +62,7 @@ def test_preprocessing_matches(official, pair, tmp_path):
 
 
 def test_text_anchors_match(official, pair):
-    theirs, ours, _ = pair
+    theirs, ours = pair
     with torch.no_grad():
         for cls in ("bottle", "pcb1", "object"):
             dataset = "VisA" if cls == "pcb1" else "MVTec"
@@ -127,17 +71,11 @@ def test_text_anchors_match(official, pair):
 
 
 def test_maps_image_terms_and_set_scores_match(official, pair, monkeypatch):
-    theirs, ours, _ = pair
+    theirs, ours = pair
     images = _images(4, 1)
     x = ours.backbone.preprocess(images)
-    with torch.no_grad():
-        text = official.forward.get_adapted_single_class_text_embedding(theirs, "MVTec", "bottle", "cpu")
-        patch_features, det = theirs(x)
-        maps = sum(
-            official.forward.calculate_similarity_map(f, text, SIZE, test=True, domain="Industrial")
-            for f in patch_features
-        )[:, 0]
-        terms = ((det @ text)[:, 1] + 1) / 2
+    text = official_code.aa_clip_official_text(official, theirs, "bottle")
+    maps, terms = official_code.aa_clip_official_predict(official, theirs, x, text)
     prediction = ours.predict(images, "bottle", batch_size=3)
     np.testing.assert_allclose(prediction.maps, maps.numpy(), atol=1e-4, rtol=0)
     np.testing.assert_allclose(prediction.extras["image_term"], terms.numpy(), atol=1e-5)
@@ -160,7 +98,7 @@ def test_maps_image_terms_and_set_scores_match(official, pair, monkeypatch):
 def test_stage2_loss_matches(official, pair):
     from anomalens.methods.base import TrainBatch
 
-    theirs, ours, _ = pair
+    theirs, ours = pair
     x = ours.backbone.preprocess(_images(2, 2))
     masks = torch.zeros(2, SIZE, SIZE)
     masks[1, 30:60, 40:80] = 1.0
@@ -179,7 +117,7 @@ def test_stage2_loss_matches(official, pair):
 
 
 def test_converter_reads_official_layout(pair):
-    theirs, ours, _ = pair
+    theirs, ours = pair
     assert ours.config.adapt_text and not ours.config.projector_act
     torch.testing.assert_close(ours.text_projection.fc.weight, theirs.text_adapter[3].fc[0].weight)
     torch.testing.assert_close(

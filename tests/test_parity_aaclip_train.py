@@ -2,7 +2,7 @@
 at ``$ANOMALENS_OFFICIAL/AA-CLIP`` (never vendored here) and kornia is importable.
 
 Both stages are compared on one batch of two images (one normal, one with a mask), on the random
-ViT-L-14-336 at 112 px of `test_parity_aa_clip` and identical random official adapters: the official
+ViT-L-14-336 at 112 px with the random official adapters of `official_code.aa_clip_pair`: the official
 ``train_text_adapter`` / ``train_image_adapter`` themselves run one step with a recording optimiser in
 place of Adam, and the loss and every adapter gradient must equal ours at 1e-4. Stage 1 is compared under
 ``official_compat=True``: the official V-V attention reads its sequence-first input as batch-first and so
@@ -18,19 +18,26 @@ import logging
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
-import test_parity_aa_clip
+import official_code
 from anomalens.backbones.attention import single_path_attention
 from anomalens.methods.aa_clip import reference_patch_features
-from test_parity_aa_clip import BACKBONE, OFFICIAL, SIZE, _images
 
 needs_official = pytest.mark.skipif(
-    not OFFICIAL.is_dir(), reason=f"official AA-CLIP source not at {OFFICIAL}"
+    not official_code.available("aa-clip"), reason=f"official AA-CLIP source not at {official_code.AA_CLIP}"
 )
+SIZE = 112
 CLASS = "bottle"
-official = test_parity_aa_clip.official  # its fixture: the official modules, imported and removed again
+
+
+@pytest.fixture(scope="module")
+def official():
+    pytest.importorskip("kornia", reason="the official AA-CLIP code needs kornia")
+    with official_code.aa_clip_modules() as mods:
+        yield mods
 
 
 def test_vv_batch_attends_over_the_batch_axis():
@@ -94,40 +101,10 @@ def train_module(official):
 def models(official, tmp_path_factory):
     """(official clip_surgery, official AdaptedCLIP, our official_compat converted method) on the same
     random CLIP weights and adapters; the official adapters are saved in the official layout and converted."""
-    import open_clip
-
-    from anomalens.backbones.registry import RANDOM_INIT_SEED
-    from anomalens.converters import convert
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)  # what load_clip does for pretrained=None
-        native = open_clip.create_model(BACKBONE, pretrained=None, quick_gelu=False).state_dict()
-
-    def official_clip():
-        cfg = official.clip.get_model_config(BACKBONE)
-        cfg["vision_cfg"]["image_size"] = SIZE
-        clip = official.model.CLIP(**cfg)
-        weights = dict(native)
-        official.model.resize_pos_embed(weights, clip)
-        clip.load_state_dict(weights, strict=True)
-        return clip.eval()
-
-    surgery = official_clip()
+    surgery = official_code.aa_clip_official_clip(official, official_code.aa_clip_native_weights(), SIZE)
     surgery.visual.DAPM_replace(DPAM_layer=20)  # train.py's default --surgery_until_layer
-    torch.manual_seed(1)
-    theirs = official.adapter.AdaptedCLIP(clip_model=official_clip(), relu=False).eval()
     run = tmp_path_factory.mktemp("aa_clip_train_run")
-    torch.save({"text_adapter": theirs.text_adapter.state_dict()}, run / "text_adapter.pth")
-    torch.save({"image_adapter": theirs.image_adapter.state_dict()}, run / "image_adapter.pth")
-    ours = convert(
-        "aa-clip",
-        str(run),
-        backbone=BACKBONE,
-        pretrained=None,
-        image_size=SIZE,
-        device="cpu",
-        official_compat=True,
-    )
+    theirs, ours = official_code.aa_clip_pair(official, run, SIZE, official_compat=True)
     return surgery, theirs, ours
 
 
@@ -135,7 +112,8 @@ def _batch(ours):
     """Two preprocessed random images (a normal one, an anomalous one with a mask) as both sides take them."""
     from anomalens.methods.base import TrainBatch
 
-    images = ours.backbone.preprocess(_images(2, 3))
+    pixels = np.random.default_rng(3).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    images = ours.backbone.preprocess(pixels)
     masks = torch.zeros(2, SIZE, SIZE)
     masks[1, 30:60, 40:80] = 1.0
     labels = torch.tensor([0, 1])

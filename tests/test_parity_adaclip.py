@@ -20,114 +20,36 @@ into an (S, S) mask, and its Dice then averages over image rows; see the method 
 
 from __future__ import annotations
 
-import functools
-import importlib
-import os
-import sys
-import types
-from pathlib import Path
-
 import numpy as np
-import open_clip
 import pytest
 import torch
-from scipy.ndimage import gaussian_filter
 
-import anomalens as al
+import official_code
 from anomalens.contracts import TrainBatch
-from anomalens.converters.adaclip import convert, official_to_adaclip
+from anomalens.converters.adaclip import official_to_adaclip
 
-ROOT = Path(os.environ.get("ANOMALENS_OFFICIAL", "/nonexistent")) / "AdaCLIP"
 pytestmark = pytest.mark.skipif(
-    not (ROOT / "method" / "adaclip.py").is_file(),
-    reason="official AdaCLIP code not at $ANOMALENS_OFFICIAL/AdaCLIP",
+    not official_code.available("adaclip"), reason="official AdaCLIP code not at $ANOMALENS_OFFICIAL/AdaCLIP"
 )
 
 SIZE = 96  # a 6x6 grid: 36 patches, enough for HSF's 5·k with k = 4
 K = 4
 TINY = {"backbone": "test-tiny", "pretrained": None, "device": "cpu", "image_size": SIZE}
-OPTIONS = {"k_clusters": K, "official_compat": True}
 ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def official():
-    """The official modules ``method.clip_model``, ``method.adaclip`` and ``loss``, imported from ROOT."""
-    import packaging.version
-
-    added = []
-    if importlib.util.find_spec("pkg_resources") is None:
-        stub = types.ModuleType("pkg_resources")
-        stub.packaging = packaging
-        sys.modules["pkg_resources"] = stub
-        added.append("pkg_resources")
-    package = types.ModuleType("method")
-    package.__path__ = [str(ROOT / "method")]
-    before = set(sys.modules)
-    sys.modules["method"] = package
-    sys.path.insert(0, str(ROOT))
-    try:
-        yield types.SimpleNamespace(
-            clip=importlib.import_module("method.clip_model"),
-            adaclip=importlib.import_module("method.adaclip"),
-            tokenizer=importlib.import_module("method.simple_tokenizer"),
-            loss=importlib.import_module("loss"),
-        )
-    finally:
-        sys.path.remove(str(ROOT))
-        for name in set(sys.modules) - before:
-            del sys.modules[name]
-        sys.modules.pop("method", None)
-        for name in added:
-            sys.modules.pop(name, None)
+    """The official modules ``method.clip_model``, ``method.adaclip`` and ``loss``, imported from its tree."""
+    with official_code.adaclip_modules() as mods:
+        yield mods
 
 
 @pytest.fixture(scope="module")
 def models(official, tmp_path_factory):
     """(official AdaCLIP, our converted AdaClip) sharing backbone and learned weights."""
-    torch.manual_seed(0)
-    bb = al.create("adaclip", **TINY, **OPTIONS).backbone
-    cfg = official.clip
-    vision = cfg.CLIPVisionCfg(
-        layers=bb.depth, width=bb.width, head_width=bb.head_dim, patch_size=bb.patch_size
-    )
-    vision.image_size = SIZE
-    text = cfg.CLIPTextCfg(width=bb.text_width, heads=bb.model.transformer.resblocks[0].attn.num_heads)
-    text.layers = bb.text_depth
-    clip = cfg.CLIP(bb.embed_dim, vision, text)
-    missing, _ = clip.load_state_dict(bb.model.state_dict(), strict=False)
-    assert not missing, missing
-    clip.eval()
-    layers = [bb.depth // 4 * i for i in (1, 2, 3, 4)]  # official test.py: depth // 4 · [1..4]
-    # The checkout's BPE vocabulary is a Git LFS pointer: its tokenizer class reads open_clip's copy.
-    bpe = str(Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz")
-    official.adaclip._Tokenizer = functools.partial(official.tokenizer.SimpleTokenizer, bpe)
-    model = official.adaclip.AdaCLIP(
-        freeze_clip=clip,
-        text_channel=bb.embed_dim,
-        visual_channel=bb.width,
-        prompting_length=5,
-        prompting_depth=4,
-        prompting_branch="VL",
-        prompting_type="SD",
-        use_hsf=True,
-        k_clusters=K,
-        output_layers=layers,
-        device="cpu",
-        image_size=SIZE,
-    )
-    learnable = ("prompter", "token_layer", "prompt_generator")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(key in name for key in learnable):
-                p.copy_(torch.randn(p.shape) * (0.02 if "static" in name else 0.1))
-    state = {
-        f"clip_model.{k}": v for k, v in model.state_dict().items() if any(key in k for key in learnable)
-    }
     path = tmp_path_factory.mktemp("official") / "pretrained.pth"
-    torch.save(state, path)
-    ours = convert(path, **TINY, **OPTIONS)
-    return model, ours
+    return official_code.adaclip_pair(official, path, TINY, K)
 
 
 def _image(seed: int) -> torch.Tensor:
@@ -138,12 +60,11 @@ def _image(seed: int) -> torch.Tensor:
 def test_inference_matches_official(models, seed):
     model, ours = models
     image = _image(seed)
-    np.random.seed(ours.config.kmeans_seed)
-    with torch.no_grad():
-        amap, score = model(image, ["metal-nut"], aggregation=True)
-    smoothed = gaussian_filter(amap[0].numpy(), sigma=4)
+    score, smoothed = official_code.adaclip_official_predict(
+        model, image, "metal-nut", ours.config.kmeans_seed
+    )
     ours_out = ours.forward_batch(image, ["metal-nut"], None)
-    torch.testing.assert_close(ours_out.scores, score.float(), atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours_out.scores, score, atol=ATOL, rtol=0)
     torch.testing.assert_close(ours_out.maps[0], torch.from_numpy(smoothed).float(), atol=ATOL, rtol=0)
 
 

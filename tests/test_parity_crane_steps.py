@@ -4,7 +4,7 @@ tiny weights; skipped unless ``$ANOMALENS_OFFICIAL/Crane`` holds the official tr
 Both sides start from the same learned prompts (random, saved as an official checkpoint and read with our
 converter) and take one step on each of the same three batches: the official side with its own
 ``torch.optim.Adam(prompt_learner.parameters(), lr=1e-3, betas=(0.6, 0.999))`` (train.py:67-68) on the
-loss of its training loop (`test_parity_crane._official_loss`), ours through the engine's step code with
+loss of its training loop (`official_code.crane_official_loss`), ours through the engine's step code with
 the ``official`` recipe's settings. The official prompts after the three steps, read back through the
 converter, must equal ours to 1e-4. This checks the optimiser, its betas and lr, the absence of weight
 decay and of a schedule, and which tensors learn. In float32 both sides agree to about 2e-5 here (Crane
@@ -17,23 +17,30 @@ import pytest
 import torch
 
 import anomalens as al
+import official_code
 from anomalens.converters.crane import convert
 from anomalens.recipes import RECIPES
 from helpers import train_steps
-from test_parity_crane import CASES, ROOT, TINY, _official_loss, _official_model, official  # noqa: F401
+from official_code import CRANE_CASES, crane_official_loss, crane_official_model
 
 pytestmark = pytest.mark.skipif(
-    not (ROOT / "models" / "Crane.py").is_file(),
-    reason="official Crane code not at $ANOMALENS_OFFICIAL/Crane",
+    not official_code.available("crane"), reason="official Crane code not at $ANOMALENS_OFFICIAL/Crane"
 )
+TINY = {"backbone": "test-tiny", "pretrained": None, "device": "cpu", "image_size": 64}
+
+
+@pytest.fixture(scope="module")
+def official():
+    with official_code.crane_modules() as mods:
+        yield mods
 
 
 @pytest.mark.parametrize("case", ["crane", "crane+"])
-def test_three_steps_match_the_official_train_loop(official, case, tmp_path):  # noqa: F811
-    options, dino_model = CASES[case]
+def test_three_steps_match_the_official_train_loop(official, case, tmp_path):
+    options, dino_model = CRANE_CASES[case]
     torch.manual_seed(0)
     ours = al.create("crane", official_compat=True, **options, **TINY)
-    model, learner, _ = _official_model(official, ours, dino_model, train=False)
+    model, learner, _ = crane_official_model(official, ours, dino_model, train=False)
     with torch.no_grad():
         for p in learner.parameters():
             p.copy_(torch.randn_like(p) * 0.5)
@@ -49,7 +56,7 @@ def test_three_steps_match_the_official_train_loop(official, case, tmp_path):  #
     learner.train()
     optimizer = torch.optim.Adam(list(learner.parameters()), lr=1e-3, betas=(0.6, 0.999))
     for b in batches:
-        loss = _official_loss(official, model, learner, b.images, b.masks, b.labels, ours.layers)
+        loss = crane_official_loss(official, model, learner, b.images, b.masks, b.labels, ours.layers)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -19,47 +19,23 @@ the weights are made for) and at 224 px (16×16: the positional embedding is res
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import sys
-import warnings
-from pathlib import Path
-
 import pytest
 import torch
 
 import anomalens as al
+import official_code
 
-OFFICIAL = Path(os.environ.get("ANOMALENS_OFFICIAL", "/nonexistent"))
-DINOV2 = OFFICIAL / "dinov2"
-CRANE = OFFICIAL / "Crane"
 pytestmark = pytest.mark.skipif(
-    not (DINOV2 / "dinov2" / "hub" / "backbones.py").is_file()
-    or not (CRANE / "utils" / "transform.py").is_file(),
+    not official_code.available("dinov2", "crane"),
     reason="official DINOv2 and Crane trees not at $ANOMALENS_OFFICIAL/{dinov2,Crane}",
 )
 
 
 @pytest.fixture(scope="module")
 def official():
-    """(the hub's ``dinov2_vitb14_reg`` builder, Crane's utils/transform module), from the official trees."""
-    before = set(sys.modules)
-    sys.path.insert(0, str(DINOV2))
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="xFormers is not available")
-            hub = importlib.import_module("dinov2.hub.backbones")
-            vits = importlib.import_module("dinov2.models.vision_transformer")
-        spec = importlib.util.spec_from_file_location("crane_transform", CRANE / "utils" / "transform.py")
-        transform = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(transform)
-        yield hub, vits, transform
-    finally:
-        sys.path.remove(str(DINOV2))
-        for name in set(sys.modules) - before:
-            if name.split(".")[0] == "dinov2":
-                del sys.modules[name]
+    """(the hub's ``dinov2_vitb14_reg`` builder, its vision_transformer module, Crane's utils/transform)."""
+    with official_code.dinov2_modules() as mods:
+        yield mods.hub, mods.vits, mods.transform
 
 
 def _hub_model(hub, vits, monkeypatch, width: int, depth: int, heads: int) -> torch.nn.Module:

@@ -15,56 +15,18 @@ wrong head mapping shows. Its state dict is then converted with `anomalens.conve
 
 from __future__ import annotations
 
-import math
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 
-REPO = Path(os.environ.get("ANOMALENS_OFFICIAL", "/nonexistent")) / "InCTRL"
+import official_code
+
 pytestmark = pytest.mark.skipif(
-    not REPO.is_dir(), reason="official InCTRL tree not at $ANOMALENS_OFFICIAL/InCTRL"
+    not official_code.available("inctrl"), reason="official InCTRL tree not at $ANOMALENS_OFFICIAL/InCTRL"
 )
 
 CLASS_NAME = "metal_nut"
-# Runs inside the official tree. Its code hard-codes CUDA and imports training-only packages: CUDA
-# calls are mapped to the CPU and those packages are stubbed; the text encoder is memoised (pure).
-RUNNER = textwrap.dedent(
-    """
-    import importlib.abc, importlib.util, json, sys
-    from unittest import mock
-    import torch
-
-    repo, inp, out = sys.argv[1:4]
-    sys.path.insert(0, repo)
-    torch.set_num_threads(1)
-    sys.modules.setdefault("simplejson", json)
-
-    class Stubs(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        def find_spec(self, name, path, target=None):
-            if name.split(".")[0] in ("iopath", "fvcore", "psutil", "matplotlib"):
-                return importlib.util.spec_from_loader(name, self, is_package=True)
-        def create_module(self, spec):
-            module = mock.MagicMock(name=spec.name)
-            module.__path__, module.__spec__ = [], spec
-            return module
-        def exec_module(self, module):
-            pass
-
-    sys.meta_path.insert(0, Stubs())
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    to = torch.Tensor.to
-    def cpu_to(self, *args, **kwargs):
-        args = tuple("cpu" if isinstance(a, str) and a.startswith("cuda") else a for a in args)
-        return to(self, *args, **kwargs)
-    torch.Tensor.to = cpu_to
-
-    import open_clip
-    from open_clip.model import InCTRL
+# The body of the script run in the official tree (after `official_code.INCTRL_PREAMBLE`).
+RUNNER = """
 
     with open(f"{repo}/open_clip/model_configs/ViT-B-16-plus-240.json") as f:
         cfg = json.load(f)
@@ -78,13 +40,7 @@ RUNNER = textwrap.dedent(
                 bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=gen) + 0.5)
                 bn.weight.copy_(torch.rand(bn.weight.shape, generator=gen) + 0.5)
                 bn.bias.copy_(0.1 * torch.randn(bn.bias.shape, generator=gen))
-    encode_text, memo = model.encode_text, {}
-    def cached(tokens, normalize=False):
-        key = (tokens.numpy().tobytes(), normalize)
-        if key not in memo:
-            memo[key] = encode_text(tokens, normalize)
-        return memo[key]
-    model.encode_text = cached
+    inctrl_memoise_text(model)
 
     data = torch.load(inp)
     images, support, name = data["images"], data["support"], data["class_name"]
@@ -119,8 +75,7 @@ RUNNER = textwrap.dedent(
         },
         out,
     )
-    """
-)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -136,20 +91,8 @@ def official(tmp_path_factory) -> dict:
         "labels": torch.tensor([0.0, 1.0, 0.0, 1.0]),
         "train_support": torch.randn(2, 4, 3, 240, 240),  # (K shots, B queries, 3, S, S)
     }
-    torch.save(inputs, tmp / "in.pt")
-    (tmp / "runner.py").write_text(RUNNER)
-    subprocess.run(
-        [sys.executable, str(tmp / "runner.py"), str(REPO), str(tmp / "in.pt"), str(tmp / "out.pt")],
-        cwd=REPO,
-        check=True,
-        timeout=1800,
-    )
-    out = torch.load(tmp / "out.pt")
-    state = out["state"]
-    clip = {k: v for k, v in state.items() if not k.startswith(("adapter.", "diff_head"))}
-    clip["logit_scale"] = torch.tensor(math.log(1 / 0.07))  # absent from the official checkpoint
-    torch.save(clip, tmp / "clip.pt")
-    torch.save(state, tmp / "checkpoint_1.pyth")
+    out = official_code.run_inctrl(RUNNER, inputs, tmp, timeout=1800)
+    official_code.save_inctrl_checkpoint(out["state"], tmp, "checkpoint_1.pyth")
     return {**out, **inputs, "dir": tmp}
 
 

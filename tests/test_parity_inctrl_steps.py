@@ -33,22 +33,16 @@ weight decay of 0 instead of 0.01 by about 1e-5.
 from __future__ import annotations
 
 import json
-import math
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import open_clip
 import pytest
 import torch
 
+import official_code
 from helpers import train_steps
 
-REPO = Path(os.environ.get("ANOMALENS_OFFICIAL", "/nonexistent")) / "InCTRL"
 pytestmark = pytest.mark.skipif(
-    not REPO.is_dir(), reason="official InCTRL tree not at $ANOMALENS_OFFICIAL/InCTRL"
+    not official_code.available("inctrl"), reason="official InCTRL tree not at $ANOMALENS_OFFICIAL/InCTRL"
 )
 
 CLASS_NAME = "metal_nut"
@@ -60,38 +54,8 @@ CONFIG = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 1},
 }
 BACKBONE = "inctrl-parity-small"
-RUNNER = textwrap.dedent(
-    """
-    import importlib.abc, importlib.util, json, sys
-    from unittest import mock
-    import torch
-
-    repo, inp, out = sys.argv[1:4]
-    sys.path.insert(0, repo)
-    torch.set_num_threads(1)
-    sys.modules.setdefault("simplejson", json)
-
-    class Stubs(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        def find_spec(self, name, path, target=None):
-            if name.split(".")[0] in ("iopath", "fvcore", "psutil", "matplotlib"):
-                return importlib.util.spec_from_loader(name, self, is_package=True)
-        def create_module(self, spec):
-            module = mock.MagicMock(name=spec.name)
-            module.__path__, module.__spec__ = [], spec
-            return module
-        def exec_module(self, module):
-            pass
-
-    sys.meta_path.insert(0, Stubs())
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    to = torch.Tensor.to
-    def cpu_to(self, *args, **kwargs):
-        args = tuple("cpu" if isinstance(a, str) and a.startswith("cuda") else a for a in args)
-        return to(self, *args, **kwargs)
-    torch.Tensor.to = cpu_to
-
-    import open_clip
-    from open_clip.model import InCTRL
+# The body of the script run in the official tree (after `official_code.INCTRL_PREAMBLE`).
+RUNNER = """
     from binary_focal_loss import BinaryFocalLoss
 
     data = torch.load(inp)
@@ -106,13 +70,7 @@ RUNNER = textwrap.dedent(
                 bn.bias.copy_(0.1 * torch.randn(bn.bias.shape, generator=gen))
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     model = model.double()
-    encode_text, memo = model.encode_text, {}
-    def cached(tokens, normalize=False):  # the frozen text tower is pure: encode each prompt set once
-        key = (tokens.numpy().tobytes(), normalize)
-        if key not in memo:
-            memo[key] = encode_text(tokens, normalize)
-        return memo[key]
-    model.encode_text = cached
+    inctrl_memoise_text(model)  # the frozen text tower is pure: encode each prompt set once
     tokenizer = open_clip.get_tokenizer("ViT-B-16-plus-240")
     # engine_IC.py:188 and train_epoch (53-74)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=[0.9, 0.999])
@@ -125,8 +83,7 @@ RUNNER = textwrap.dedent(
         loss.backward()
         optimizer.step()
     torch.save({"initial": initial, "final": model.state_dict()}, out)
-    """
-)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -138,20 +95,9 @@ def official(tmp_path_factory) -> dict:
         (torch.randn(QUERIES, 3, 240, 240), torch.randn(SHOTS, QUERIES, 3, 240, 240), labels)
         for _ in range(STEPS)
     ]
-    torch.save({"config": CONFIG, "class_name": CLASS_NAME, "batches": batches}, tmp / "in.pt")
-    (tmp / "runner.py").write_text(RUNNER)
-    subprocess.run(
-        [sys.executable, str(tmp / "runner.py"), str(REPO), str(tmp / "in.pt"), str(tmp / "out.pt")],
-        cwd=REPO,
-        check=True,
-        timeout=600,
-    )
-    out = torch.load(tmp / "out.pt")
-    initial = out["initial"]
-    clip = {k: v for k, v in initial.items() if not k.startswith(("adapter.", "diff_head"))}
-    clip["logit_scale"] = torch.tensor(math.log(1 / 0.07))  # absent from the official model
-    torch.save(clip, tmp / "clip.pt")
-    torch.save(initial, tmp / "checkpoint_0.pyth")
+    inputs = {"config": CONFIG, "class_name": CLASS_NAME, "batches": batches}
+    out = official_code.run_inctrl(RUNNER, inputs, tmp, timeout=600)
+    official_code.save_inctrl_checkpoint(out["initial"], tmp, "checkpoint_0.pyth")
     (tmp / f"{BACKBONE}.json").write_text(json.dumps(CONFIG))
     return {**out, "batches": batches, "dir": tmp}
 

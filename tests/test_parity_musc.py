@@ -13,52 +13,34 @@ tests/test_backbones.py).
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import anomalens as al
+import official_code
 from anomalens.methods.musc import layer_norm_map, rscin
 
-MODULES = Path(os.environ.get("ANOMALENS_OFFICIAL", "/nonexistent")) / "MuSc" / "models" / "modules"
 pytestmark = pytest.mark.skipif(
-    not (MODULES / "_MSM.py").is_file(), reason="official MuSc code not at $ANOMALENS_OFFICIAL/MuSc"
+    not official_code.available("musc"), reason="official MuSc code not at $ANOMALENS_OFFICIAL/MuSc"
 )
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"official_musc_{name}", MODULES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_mutual_scores_and_rscin_match_official():
-    lnamd_mod, msm_mod, rscin_mod = _load("_LNAMD"), _load("_MSM"), _load("_RsCIN")
+    mods = official_code.musc_modules()
     model = al.create("musc", backbone="test-tiny", pretrained=None, device="cpu", image_size=96)
     gh, gw = model.backbone.grid  # 6 × 6
     n, c, layers = 6, 16, 2
     g = torch.Generator().manual_seed(0)
     tokens = [torch.randn(n, 1 + gh * gw, c, generator=g) * 3 + 1 for _ in range(layers)]  # CLS first
 
-    official = []
-    for r in model.config.r_list:
-        embed = lnamd_mod.LNAMD(device="cpu", r=r, feature_dim=c, feature_layer=list(range(layers)))
-        features = embed._embed(tokens)  # (N, L, layers, C)
-        features = features / features.norm(dim=-1, keepdim=True)
-        maps = [msm_mod.MSM(features[:, :, i], "cpu", 0, 0.3) for i in range(layers)]
-        official.append(torch.stack(maps).mean(0))
-    official = torch.stack(official).mean(0)  # (N, L)
+    official = official_code.musc_official_scores(mods, tokens, model.config.r_list)  # (N, L)
 
     ours = model.mutual_scores([layer_norm_map(t[:, 1:]) for t in tokens])  # (N, L)
     torch.testing.assert_close(ours.double(), official.double(), atol=1e-4, rtol=1e-4)
 
     cls = F.normalize(torch.randn(n, 8, generator=g) + 2, dim=-1)
     peak = ours.amax(dim=1)
-    ref = rscin_mod.RsCIN(peak.double().numpy(), list(cls.numpy()), k_list=[1, 2, 3])
+    ref = mods.RsCIN.RsCIN(peak.double().numpy(), list(cls.numpy()), k_list=[1, 2, 3])
     np.testing.assert_allclose(rscin(peak, cls, (1, 2, 3)).numpy(), ref, atol=1e-5)
