@@ -45,8 +45,13 @@ def test_weights_fingerprint_sees_a_change_of_any_tensor():
     a, b = torch.zeros(2), torch.ones(3)
     before = weights_fingerprint([a, b])
     assert before == weights_fingerprint([a.clone(), b.clone()]) and weights_fingerprint([]) == ()
-    b[1] = -1.0  # same sum of squares, another sum
+    b[1] = -1.0
     assert weights_fingerprint([a, b]) != before
+    b[1], b[2] = 1.0, -1.0  # the same values in another order
+    assert weights_fingerprint([a, b]) != before
+    assert weights_fingerprint([a.double(), b]) != weights_fingerprint([a, b])
+    strided = torch.arange(12.0).reshape(3, 4).T  # a non-contiguous view
+    assert weights_fingerprint([strided]) == weights_fingerprint([strided.contiguous()])
 
 
 # ---------------------------------------------------------------------- Prediction.concat
