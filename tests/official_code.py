@@ -15,6 +15,7 @@ subprocess: `INCTRL_PREAMBLE` is the start of every such script.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.machinery
 import importlib.util
@@ -137,20 +138,23 @@ def aa_clip_modules() -> Iterator[types.SimpleNamespace]:
         yield mods
 
 
-def aa_clip_native_weights() -> dict[str, torch.Tensor]:
-    """The random open_clip ViT-L-14-336 weights our ``load_clip(pretrained=None)`` builds."""
+def aa_clip_native_weights(backbone: str = AA_CLIP_BACKBONE) -> dict[str, torch.Tensor]:
+    """The random open_clip `backbone` weights our ``load_clip(pretrained=None)`` builds."""
     import open_clip
 
     from anomalens.backbones.registry import RANDOM_INIT_SEED
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)  # what load_clip does for pretrained=None
-        return open_clip.create_model(AA_CLIP_BACKBONE, pretrained=None, quick_gelu=False).state_dict()
+        return open_clip.create_model(backbone, pretrained=None, quick_gelu=False).state_dict()
 
 
-def aa_clip_official_clip(mods, native: dict[str, torch.Tensor], size: int) -> nn.Module:
-    """The official CLIP at `size` px with `native`'s weights (its loader resamples the positions)."""
-    cfg = mods.clip.get_model_config(AA_CLIP_BACKBONE)
+def aa_clip_official_clip(
+    mods, native: dict[str, torch.Tensor], size: int, cfg: dict | None = None
+) -> nn.Module:
+    """The official CLIP at `size` px with `native`'s weights (its loader resamples the positions); `cfg`
+    is its model config, ViT-L-14-336's by default."""
+    cfg = copy.deepcopy(cfg) if cfg is not None else mods.clip.get_model_config(AA_CLIP_BACKBONE)
     cfg["vision_cfg"]["image_size"] = size
     clip = mods.model.CLIP(**cfg)
     weights = dict(native)
@@ -159,12 +163,15 @@ def aa_clip_official_clip(mods, native: dict[str, torch.Tensor], size: int) -> n
     return clip.eval()
 
 
-def aa_clip_pair(mods, run: Path, size: int, **options: Any) -> tuple[nn.Module, Any]:
-    """(official AdaptedCLIP with random adapters, our method converted from them) at `size` px; the
-    adapters are saved in the official checkpoint layout in `run` and read back by our converter."""
+def aa_clip_pair(
+    mods, run: Path, size: int, backbone: str = AA_CLIP_BACKBONE, cfg: dict | None = None, **options: Any
+) -> tuple[nn.Module, Any]:
+    """(official AdaptedCLIP with random adapters, our method converted from them) at `size` px on the
+    random `backbone` (`cfg`: its config for the official CLIP, when not ViT-L-14-336); the adapters are
+    saved in the official checkpoint layout in `run` and read back by our converter."""
     from anomalens.converters import convert
 
-    clip = aa_clip_official_clip(mods, aa_clip_native_weights(), size)
+    clip = aa_clip_official_clip(mods, aa_clip_native_weights(backbone), size, cfg)
     torch.manual_seed(1)
     theirs = mods.adapter.AdaptedCLIP(clip_model=clip, relu=False).eval()
     torch.save({"epoch": 5, "text_adapter": theirs.text_adapter.state_dict()}, run / "text_adapter.pth")
@@ -172,13 +179,50 @@ def aa_clip_pair(mods, run: Path, size: int, **options: Any) -> tuple[nn.Module,
     ours = convert(
         "aa-clip",
         str(run),
-        backbone=AA_CLIP_BACKBONE,
+        backbone=backbone,
         pretrained=None,
         image_size=size,
         device="cpu",
         **options,
     )
     return theirs, ours
+
+
+def aa_clip_training_models(
+    mods,
+    run: Path,
+    size: int,
+    dtype: torch.dtype = torch.float32,
+    backbone: str = AA_CLIP_BACKBONE,
+    cfg: dict | None = None,
+) -> tuple[nn.Module, nn.Module, Any]:
+    """What train.py's loops take: (official ``clip_surgery``, official AdaptedCLIP, our official_compat
+    method from `aa_clip_pair`), in `dtype`. To halve the memory the three hold the frozen CLIP once (each
+    official tensor equal to ours is ours) and the official CLIP is frozen: train.py leaves its
+    ``requires_grad`` on and computes gradients that no optimiser reads."""
+    theirs, ours = aa_clip_pair(mods, run, size, backbone, cfg, official_compat=True)
+    ours.to(dtype)
+    clip = theirs.clipmodel.requires_grad_(False)
+    theirs.to(dtype)
+    frozen = ours.backbone.model.state_dict(keep_vars=True)
+    for name, tensor in clip.state_dict(keep_vars=True).items():
+        if name in frozen and torch.equal(tensor, frozen[name]):
+            tensor.data = frozen[name].data
+    surgery = copy.deepcopy(clip, {id(t): t for t in clip.state_dict(keep_vars=True).values()})
+    surgery.visual.DAPM_replace(DPAM_layer=20)  # train.py's default --surgery_until_layer
+    return surgery, theirs, ours
+
+
+def aa_clip_train_module() -> types.ModuleType:
+    """The official ``train.py`` (inside `aa_clip_modules`, which removes it again), with the 4 threads and
+    ``OMP_NUM_THREADS``... it sets when imported undone at once (its training functions set nothing)."""
+    threads, environ = torch.get_num_threads(), dict(os.environ)
+    try:
+        return importlib.import_module("train")
+    finally:
+        torch.set_num_threads(threads)
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def aa_clip_official_text(mods, theirs, class_name: str) -> torch.Tensor:

@@ -13,10 +13,7 @@ the official code.
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -86,26 +83,13 @@ class _Losses(logging.Handler):
 
 @pytest.fixture(scope="module")
 def train_module(official):
-    """The official ``train.py``, imported with its thread and environment settings undone afterwards."""
-    threads, environ = torch.get_num_threads(), dict(os.environ)
-    try:
-        yield importlib.import_module("train")
-    finally:
-        torch.set_num_threads(threads)
-        os.environ.clear()
-        os.environ.update(environ)
-        sys.modules.pop("train", None)
+    return official_code.aa_clip_train_module()
 
 
 @pytest.fixture(scope="module")
 def models(official, tmp_path_factory):
-    """(official clip_surgery, official AdaptedCLIP, our official_compat converted method) on the same
-    random CLIP weights and adapters; the official adapters are saved in the official layout and converted."""
-    surgery = official_code.aa_clip_official_clip(official, official_code.aa_clip_native_weights(), SIZE)
-    surgery.visual.DAPM_replace(DPAM_layer=20)  # train.py's default --surgery_until_layer
-    run = tmp_path_factory.mktemp("aa_clip_train_run")
-    theirs, ours = official_code.aa_clip_pair(official, run, SIZE, official_compat=True)
-    return surgery, theirs, ours
+    """`official_code.aa_clip_training_models` at `SIZE` px."""
+    return official_code.aa_clip_training_models(official, tmp_path_factory.mktemp("aa_clip_train_run"), SIZE)
 
 
 def _batch(ours):
