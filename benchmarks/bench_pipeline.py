@@ -13,9 +13,11 @@ In one process, alternated `--repeats` times on the same method and images (`--r
   decode the next batch and a background thread computes the previous class's metrics while the model
   runs (`anomalens.evaluation`).
 
-Then, once, what the pipeline adds when nothing overlaps, each alone in this process: "decode" (read
-every image and mask from disk), "resize" (`Method.input_pixels`), "metrics" (`class_metrics` of every
-class on maps at the images' size). "sequential" = model + those three: an eval with no overlap would
+Before timing, the model runs once on one image of each class (zero-shot methods cache their text
+features per class name; otherwise the first run on a class pays for them). Then, once, what the
+pipeline adds when nothing overlaps, each alone in this process: "decode" (read every image and mask
+from disk), "resize" (`Method.input_pixels`), "metrics" (`class_metrics` of every class on the model's
+maps at the images' size). "sequential" = model + those three: an eval with no overlap would
 take about that long (map resizing excluded). "CPU s" = CPU seconds of this process and its loader
 workers: the work of a run, which the load of other processes on a shared machine hardly changes
 (wall seconds do); with C cores free, eval can at best reach C x model CPU / eval CPU of the model.
@@ -134,6 +136,10 @@ def main() -> None:
             kinds[kind](int(workers)) if workers else {"model": model, "predict": predict}[name]
         )
     every = list(range(n))
+    with torch.no_grad():  # warm up: one image per class (text features are cached per class name)
+        for c in dataset.class_names:
+            i = [names.index(c)]
+            method.forward_batch(method.backbone.normalize(pixels[i]), [c], None)
     if args.per_class:  # each class in turn through every run, the order flipped from class to class
         parts = [[i for i in every if names[i] == c] for c in dataset.class_names] * args.repeats
     else:
