@@ -26,9 +26,12 @@ Examples (1,000 test images of 256 px; the set is generated once into the synthe
 ``$ANOMALENS_CACHE`` or ``~/.cache/anomalens``, not the repository):
 
     python benchmarks/bench_pipeline.py --method aa-clip --backbone test-tiny --image-size 224 \\
-        --data "synthetic:defects?n=100&size=256" --runs model,predict,eval:0,eval:1 --repeats 2
+        --data "synthetic:defects?n=100&size=256" --runs model,predict,eval:0,eval:1,detect:1 \\
+        --repeats 1 --per-class
     python benchmarks/bench_pipeline.py --method april-gan --backbone ViT-B-16 --image-size 224 \\
-        --data "synthetic:defects?n=100&size=256" --runs model,eval:1 --repeats 1
+        --data "synthetic:defects?n=100&size=256" --runs model,eval:1 --repeats 1 --per-class
+
+Measured figures: docs/performance.md §5.
 """
 
 from __future__ import annotations
