@@ -1,7 +1,7 @@
 """MuSc on a set of unlabelled images: time and peak memory of scoring N images against each other.
 
     python benchmarks/bench_musc.py [--images 200] [--image-size 518] [--backbone test-tiny]
-                                    [--chunk-mib 256] [--batch-size 16] [--device auto]
+                                    [--chunk-mib 512] [--batch-size 16] [--device auto]
                                     [--scoring-only] [--out PATH]
 
 Random weights (no download), random uint8 images of 600×600 pixels (short side resized to S, centre
@@ -13,11 +13,13 @@ mutual scoring alone on random layer-normalised tokens of the backbone's exact s
 tap, e.g. the ViT-L/14-336 shape without its forward passes.
 
 Reports the seconds of feature extraction (backbone + LayerNorm), of mutual scoring (LNAMD + MSM over
-all taps and r), of RsCIN + map upsampling, the images/s of the whole `predict`, the memory: the
-process's peak resident set size (ru_maxrss, CPU) or the CUDA allocator's peak, next to the analytic
-sizes of the stored features (N·L·C·taps floats) and of one comparison block (≤ ``chunk_mib``), and the
-work: MSM's similarity FLOPs (N(N−1)/2 image pairs × 2·L²·C, per tap and r) and their rate, next to the
-rate of a 2048×1024×2048 `torch.mm` measured in the same process.
+all taps and r), of RsCIN + map upsampling, the images/s of the whole `predict`; the memory: the
+process's peak resident set size (ru_maxrss, CPU) or the CUDA allocator's peak, on a CPU also the
+highest resident set size during mutual scoring above its level when scoring starts (sampled every
+20 ms), next to the analytic size of the stored features (N·L·C·taps floats); and the work: MSM's
+similarity FLOPs (N(N−1)/2 image pairs × 2·L²·C, per tap and r) and their rate, next to the rate of a
+2048×1024×2048 `torch.mm` measured in the same process; on a CPU both per second of the process's own
+CPU time too (`time.process_time`), which other jobs on a shared machine do not inflate.
 
 Prints a markdown row and writes JSON (default benchmarks/results/musc.json).
 """
@@ -29,6 +31,7 @@ import json
 import os
 import platform
 import resource
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,31 +53,59 @@ def peak_mib(device: torch.device) -> float:
 
 
 def mm_gflops(device: torch.device) -> float:
-    """Rate of a large square-ish float32 matmul on ``device`` (best of 3)."""
+    """Rate of a large float32 matmul on ``device`` (best of 3), per second of this process's CPU time
+    on a CPU (other jobs on a shared machine do not count), of wall time on a GPU."""
     a, b = torch.randn(2048, 1024, device=device), torch.randn(1024, 2048, device=device)
     best = float("inf")
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     for _ in range(4):  # the first is a warm-up
-        start = time.perf_counter()
+        start = clock()
         a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return 2 * 2048 * 1024 * 2048 / best / 1e9
 
 
+def rss_mib() -> float:
+    """The process's resident set size now (Linux /proc; 0 elsewhere)."""
+    statm = Path("/proc/self/statm")
+    return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20 if statm.exists() else 0.0
+
+
+class RssPeak:
+    """Highest resident set size above the level at entry, sampled every 20 ms while in the block."""
+
+    def __enter__(self) -> RssPeak:
+        self.base, self.peak, self.done = rss_mib(), 0.0, threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self) -> None:
+        while not self.done.wait(0.02):
+            self.peak = max(self.peak, rss_mib() - self.base)
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, rss_mib() - self.base)
+
+
 class Stopwatch:
-    """Accumulates wall seconds per name around wrapped calls."""
+    """Accumulates wall seconds and process CPU seconds per name around wrapped calls."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.seconds = device, {}
+        self.device, self.seconds, self.cpu_seconds = device, {}, {}
 
     def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             out = fn(*args, **kwargs)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu
             return out
 
         return timed
@@ -85,7 +116,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--image-size", type=int, default=518)
     parser.add_argument("--backbone", default="test-tiny")
-    parser.add_argument("--chunk-mib", type=float, default=256.0)
+    parser.add_argument("--chunk-mib", type=float, default=512.0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--scoring-only", action="store_true", help="random tokens, no backbone")
@@ -104,7 +135,14 @@ def main() -> None:
     mm = mm_gflops(device)
     watch = Stopwatch(device)
     model.encode = watch.wrap("features", model.encode)
-    model.mutual_scores = watch.wrap("mutual_scoring", model.mutual_scores)
+    msm_memory = RssPeak()
+
+    def mutual_scores(tokens: list[torch.Tensor]) -> torch.Tensor:
+        with msm_memory:
+            return msm(tokens)
+
+    msm = model.mutual_scores
+    model.mutual_scores = watch.wrap("mutual_scoring", mutual_scores)
     model.score_set = watch.wrap("rscin_and_maps", model.score_set)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -140,10 +178,13 @@ def main() -> None:
         "images_per_s": args.images / total,
         "peak_mib": peak_mib(device),
         "stored_features_mib": features_mib,
+        "msm_extra_peak_mib": msm_memory.peak if device.type == "cpu" else None,
         "scoring_only": args.scoring_only,
         "msm_gflop": msm_gflop,
+        "cpu_seconds": watch.cpu_seconds,
         "msm_gflop_per_s": msm_gflop / watch.seconds["mutual_scoring"],
-        "mm_gflop_per_s": mm,
+        "msm_gflop_per_cpu_s": msm_gflop / watch.cpu_seconds["mutual_scoring"],
+        "mm_gflop_per_cpu_s": mm,
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
@@ -151,14 +192,15 @@ def main() -> None:
     s = result["seconds"]
     print(
         "| backbone | N | S | chunk MiB | features s | MSM s | RsCIN+maps s | total s | peak MiB | "
-        "features MiB | MSM GFLOP | MSM GFLOP/s | mm GFLOP/s |"
+        "features MiB | MSM GFLOP | MSM GFLOP/s | MSM GFLOP/CPU-s | mm GFLOP/CPU-s |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(
         f"| {result['backbone']}{' (scoring only)' * args.scoring_only} | {args.images} | "
         f"{args.image_size} | {args.chunk_mib:g} | {s['features']:.1f} | {s['mutual_scoring']:.1f} | "
         f"{s.get('rscin_and_maps', 0.0):.2f} | {s['total']:.1f} | {result['peak_mib']:.0f} | "
-        f"{features_mib:.0f} | {msm_gflop:.0f} | {result['msm_gflop_per_s']:.1f} | {mm:.1f} |"
+        f"{features_mib:.0f} | {msm_gflop:.0f} | {result['msm_gflop_per_s']:.1f} | "
+        f"{result['msm_gflop_per_cpu_s']:.1f} | {mm:.1f} |"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
