@@ -801,8 +801,9 @@ def test_int8_activations_use_8_bits_where_the_cpu_has_vnni():
     the float layer is about half of PyTorch's own module's (0.75 bounds it; deterministic inputs)."""
     from anomalens.backbones import clip
 
-    assert clip.INT8_REDUCE_RANGE == (not torch.cpu._is_vnni_supported())
-    if clip.INT8_REDUCE_RANGE:
+    reduce_range = clip.INT8_REDUCE_RANGE
+    assert reduce_range == (not torch.cpu._is_vnni_supported())
+    if reduce_range:
         pytest.skip("no VNNI: activations keep PyTorch's 7 bits")
     gen = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(64, 64)
