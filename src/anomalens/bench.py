@@ -9,10 +9,13 @@ absolute numbers move together and the ratio stays put.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import resource
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -188,6 +191,18 @@ def _bench_row(
         "matmul_gflops": machine,
         "matmul_ratio": achieved / machine,
     }
+
+
+def write_bench(results: dict, out: str | os.PathLike) -> str:
+    """Write ``bench.json`` and ``bench.md`` (the `bench_table`) into `out`; returns the table."""
+    from anomalens.files import atomic_write
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = bench_table(results)
+    atomic_write(out / "bench.json", json.dumps(results, indent=2) + "\n")
+    atomic_write(out / "bench.md", table)
+    return table
 
 
 def bench_table(results: dict) -> str:

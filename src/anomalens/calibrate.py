@@ -29,6 +29,14 @@ class Calibration:
     percentile: float | None = None
     f1: float | None = None  # the F1 reached on the calibration set ("f1" rule)
 
+    def summary(self) -> str:
+        """One line: the threshold, its rule and the calibration set."""
+        how = f"F1 {self.f1:.3f}" if self.rule == "f1" else f"{self.percentile:g}th percentile of normals"
+        return (
+            f"threshold {self.threshold:.6g} ({self.rule}: {how}; {self.n_normal} normal, "
+            f"{self.n_anomalous} anomalous images)"
+        )
+
 
 def threshold_from_normals(scores: Sequence[float] | np.ndarray, percentile: float = 99.0) -> float:
     """The `percentile`-th percentile of normal images' scores: about (100 − percentile) % of normal

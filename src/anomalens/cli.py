@@ -50,13 +50,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     result = _call(detect, args, model=model)
     if not main:  # every process holds the merged result; rank 0 reports it
         return 1 if result.failures else 0
-    if len(result.rows) <= SHOWN_ROWS:
-        for path, score, verdict in result.rows:
-            print("\t".join([f"{score:.6g}", *([verdict] if verdict else []), path]))
-    where = f" and heatmaps into {Path(args.out) / 'heatmaps'}" if result.heatmaps else ""
-    print(f"scored {len(result.rows)} image(s): {result.csv_path}{where}")
-    if result.rows and result.rows[0][2] is None:
-        print("no verdicts: the model has no threshold (run `anomalens calibrate` or pass --threshold)")
+    print(result.report(SHOWN_ROWS))
     if result.failures:
         for failure in result.failures:
             _warn(failure)
@@ -67,37 +61,18 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import anomalens.data as al_data
     from anomalens.engine import MODEL_FILE, train_method
-    from anomalens.recipes import apply as apply_recipe
-    from anomalens.recipes import recipe as named_recipe
+    from anomalens.training import train
 
-    recipe = named_recipe(args.method or "", args.recipe) if args.recipe else None
-    if recipe is not None:  # the recipe's method options first: the user's --set wins
-        args.options = [f"{k}={json.dumps(v)}" for k, v in recipe.options.items()] + args.options
-    split = args.split or (recipe.split if recipe is not None else "test")
-    dataset = al_data.concat_datasets([al_data.load(spec, split, args.classes) for spec in args.data])
-    model = _model(args, allow_checkpoint=False)
-    if recipe is not None:
-        apply_recipe(model, recipe)
-    dataset = al_data.shot_subset(dataset, args.shots, model.shot_semantics, seed=args.seed)
-    if args.normal_only:
-        dataset = al_data.normal_only(dataset)
-    # Few-shot methods draw training supports from every normal image (train/good + test/good, the
-    # official InCTRL normal list), whatever split the queries come from.
-    specs = args.data if model.needs_support else []
-    support = (
-        al_data.concat_datasets([al_data.load(spec, "all", args.classes) for spec in specs])
-        if specs
-        else None
-    )
+    if not args.method:
+        _usage_error("give --method")
     given = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "amp": args.amp or None}
-    user = _parse_options(args.train_options, "--train-set") | {
+    overrides = _parse_options(args.train_options, "--train-set") | {
         k: v for k, v in given.items() if v is not None
     }
-    _call(model.fit, args, train_method, dataset=dataset, support_data=support, **user)
+    run = _call(train, args, train_method, options=_parse_options(args.options), **overrides)
     path = Path(args.out_dir) / MODEL_FILE  # written by the engine after every epoch
-    print(f"trained {model.name} on {dataset.name} ({len(dataset)} images): {path}")
+    print(f"trained {run.method.name} on {run.dataset.name} ({len(run.dataset)} images): {path}")
     print(f"next: anomalens eval --checkpoint {path} --data <kind>:<root>")
     return 0
 
@@ -105,10 +80,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from anomalens.reproduce import markdown, reproduce
 
-    pairs = [w.partition("=") for w in args.weights or []]
-    weights = {k: v for k, sep, v in pairs if sep} if all(sep for _, sep, _ in pairs) else args.weights
     options, train_options = _parse_options(args.options), _parse_options(args.train_options, "--train-set")
-    result = _call(reproduce, args, weights=weights, options=options, train_options=train_options)
+    result = _call(reproduce, args, options=options, train_options=train_options)
     print(markdown(result["method"], result["rows"]))
     print(f"results: {Path(args.out) / 'results.json'} and {Path(args.out) / 'table.md'}")
     return 0
@@ -135,19 +108,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from anomalens.bench import bench_table, benchmark
+    from anomalens.bench import benchmark, write_bench
     from anomalens.methods.base import list_methods
-    from anomalens.viz import atomic_write
 
     methods = args.methods or list_methods()
     results = _call(benchmark, args, methods=methods, options=_parse_options(args.options))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table = bench_table(results)
-    atomic_write(out / "bench.json", json.dumps(results, indent=2) + "\n")
-    atomic_write(out / "bench.md", table)
-    print(table)
-    print(f"results: {out / 'bench.json'} and {out / 'bench.md'}")
+    print(write_bench(results, args.out))
+    print(f"results: {Path(args.out) / 'bench.json'} and {Path(args.out) / 'bench.md'}")
     return 0
 
 
@@ -192,12 +159,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     data = al_data.load(args.data, args.split, args.classes) if args.data else None
     support = expand_inputs(args.support) if args.support else None
     result = _call(calibrate, args, method=model, images=images, data=data, support=support)
-    path = model.save(args.out or args.checkpoint)
-    how = f"F1 {result.f1:.3f}" if result.rule == "f1" else f"{result.percentile:g}th percentile of normals"
-    print(
-        f"threshold {result.threshold:.6g} ({result.rule}: {how}; {result.n_normal} normal, "
-        f"{result.n_anomalous} anomalous images) stored in {path}"
-    )
+    print(f"{result.summary()} stored in {model.save(args.out or args.checkpoint)}")
     return 0
 
 
@@ -282,56 +244,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files, folders (recursive) or glob patterns")
     _model_options(p)
     _precision_option(p)
-    p.add_argument("--support", nargs="+", help="K normal images of the class (few-shot methods)")
-    p.add_argument("--class-name", help="object/class name given to the method (default 'object')")
-    p.add_argument("--threshold", type=float, help="verdict threshold (default: the checkpoint's)")
+    _shared(p, "--support", "--class-name", "--threshold")
     p.add_argument("--out", default="runs/detect", help="output folder (default runs/detect)")
-    p.add_argument("--batch-size", type=int, default=16)
+    _shared(p, "--batch-size")
     p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in the overlays")
     p.add_argument("--no-heatmaps", dest="heatmaps", action="store_false", help="write scores only")
-    _workers_option(p)
+    _shared(p, "--workers")
     p.add_argument("--onnx", help="an exported model (.onnx), run with ONNX Runtime instead of torch")
 
     p = command("train", cmd_train, "train a method on dataset(s) and write <out>/model.anomalens")
     _model_options(p, checkpoint=False)
     p.add_argument("--data", action="append", required=True, help="dataset spec (repeatable)")
     p.add_argument("--split", help="split to train on (default: the recipe's, else test, as the papers)")
-    p.add_argument("--classes", type=_names, help="comma-separated subset of classes")
-    p.add_argument(
-        "--recipe", choices=RECIPE_NAMES, help="the released code's or paper's settings (docs/recipes.md)"
-    )
+    _shared(p, "--classes")
+    recipe_help = "the released code's or paper's settings (docs/recipes.md)"
+    p.add_argument("--recipe", choices=RECIPE_NAMES, help=recipe_help)
     p.add_argument("--out", dest="out_dir", metavar="OUT", required=True, help="run folder (model, logs)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument(
-        "--shots", type=_shots_or_full, help="training subset per class (method's meaning), or 'full'"
-    )
+    _shared(p, "--epochs", "--lr")
+    _shared(p, "--batch-size", default=None)
+    shots_help = "training subset per class (method's meaning), or 'full'"
+    p.add_argument("--shots", type=_shots_or_full, help=shots_help)
     p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast on CUDA (default fp32)")
     p.add_argument("--stages", type=_names, help="comma-separated training stages to run (default all)")
     p.add_argument("--normal-only", action="store_true", help="train on normal images (CoRe-CLIP C.1)")
     _pairs(p, "--train-set", "train_options", "option for every stage (lr=1e-4) or one (image.lr=1e-4)")
 
-    p = command(
-        "reproduce", cmd_reproduce, "a method's paper protocol end to end, beside the published table"
-    )
+    help = "a method's paper protocol end to end, beside the published table"
+    p = command("reproduce", cmd_reproduce, help)
     p.add_argument("method", help="aa-clip, crane, crane+, inctrl, inctrlv2 or core-clip")
     p.add_argument("--data-root", required=True, help="folder with mvtec/, visa/ (and caad/ for core-clip)")
-    p.add_argument(
-        "--weights", action="append", help="converted official checkpoint: DATASET=FILE (dataset trained on)"
-    )
-    p.add_argument("--backbone", help="backbone name (default: the method's)")
-    p.add_argument("--pretrained", type=_pretrained, default="default", help="'none' = random weights")
+    weights_help = "converted official checkpoint: DATASET=FILE (dataset trained on)"
+    p.add_argument("--weights", action="append", help=weights_help)
+    _shared(p, "--backbone", "--pretrained")
     _pairs(p, "--set", "options", "method option on top of the recipe's")
     _pairs(p, "--train-set", "train_options", "training option on top of the recipe's (epochs=1)")
-    p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
+    _shared(p, "--batch-size", help="evaluation batch size")
     p.add_argument("--out", default="runs/reproduce")
 
     p = command("eval", cmd_eval, "evaluate a checkpoint or method: results.json, markdown table, report")
     _model_options(p)
     _precision_option(p)
-    _data_options(p, "split to evaluate (default test)")
+    p.add_argument("--data", action="append", required=True, help="dataset spec (repeatable)")
+    p.add_argument("--split", default="test", help="split to evaluate (default test)")
+    _shared(p, "--classes")
     p.add_argument("--protocol", choices=PROTOCOLS, help="default: from --shots and --seeds")
     p.add_argument("--shots", type=_ints, help="K normal support images per class, e.g. 4 or 1,2,4")
     p.add_argument("--seeds", type=int, help="support draws per K (generalist protocol; default 3)")
@@ -340,13 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aupro", dest="aupro_variant", choices=("mvtec", "sampled"), default="mvtec")
     p.add_argument("--report", action="store_true", help="also write <out>/report.html with heatmaps")
     p.add_argument("--out", default="runs/eval")
-    p.add_argument("--batch-size", type=int, default=16)
-    _workers_option(p)
+    _shared(p, "--batch-size", "--workers")
 
     p = command("bench", cmd_bench, "throughput, latency, memory, FLOPs and the ratio to matmul throughput")
     p.add_argument("--methods", type=_names, help="comma-separated methods (default all)")
-    p.add_argument("--backbone", help="backbone for every method (default each method's)")
-    p.add_argument("--pretrained", type=_pretrained, default="default", help="'none' = random weights")
+    _shared(p, "--backbone", help="backbone for every method (default each method's)")
+    _shared(p, "--pretrained")
     _pairs(p, "--set", "options", "option for every benchmarked method")
     _precision_option(p)
     p.add_argument("--batch-sizes", type=_ints, default=[1, 8])
@@ -357,48 +312,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-size", type=int, default=2048, help="side of the matmul-throughput probe")
     p.add_argument("--out", default="runs/bench")
 
-    p = command(
-        "demo",
-        cmd_demo,
-        "offline demo: zero-shot transfer to unseen synthetic classes (anomalens-mini, CPU, ~1 min)",
-    )
+    help = "offline demo: zero-shot transfer to unseen synthetic classes (anomalens-mini, CPU, ~1 min)"
+    p = command("demo", cmd_demo, help)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--method", help=f"trainable method (default the first of {', '.join(DEMO_METHODS)})")
-    p.add_argument("--epochs", type=int, help="override the demo schedule")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
+    _shared(p, "--epochs", help="override the demo schedule")
+    _shared(p, "--lr")
+    _shared(p, "--batch-size", default=None)
     p.add_argument("--n", type=int, default=16, help="synthetic images per class and label")
     p.add_argument("--size", type=int, default=48, help="synthetic image side")
-    p.add_argument(
-        "--classes", type=_names, help="subset of the held-out classes to evaluate on (default all six)"
-    )
+    _shared(p, "--classes", help="subset of the held-out classes to evaluate on (default all six)")
 
     p = command("data", cmd_data, "describe a dataset spec and verify that every image and mask decodes")
     p.add_argument("spec", help="dataset spec, e.g. mvtec:/data/mvtec")
     p.add_argument("--split", choices=("train", "test", "all"), default="all")
-    p.add_argument("--classes", type=_names)
+    _shared(p, "--classes")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="counts only, decode nothing")
 
     p = command("calibrate", cmd_calibrate, "store a verdict threshold in a checkpoint")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--pretrained", type=_pretrained, default="default", help="override the stored tag")
+    _shared(p, "--pretrained", help="override the stored tag")
     p.add_argument("--data", help="labelled dataset spec (F1-max threshold) or normal-only (percentile)")
     p.add_argument("--split", default="test")
-    p.add_argument("--classes", type=_names)
+    _shared(p, "--classes")
     p.add_argument("--normals", nargs="+", help="normal images (files, folders, globs): percentile rule")
     p.add_argument("--rule", choices=("auto", "percentile", "f1"), default="auto")
     p.add_argument("--percentile", type=float, default=99.0)
-    p.add_argument("--support", nargs="+", help="K normal images (few-shot methods)")
-    p.add_argument("--class-name")
-    p.add_argument("--batch-size", type=int, default=16)
+    _shared(p, "--support", "--class-name", "--batch-size")
     p.add_argument("--out", help="write the calibrated checkpoint here (default: update --checkpoint)")
 
     p = command("convert", cmd_convert, "convert an official checkpoint into an anomalens model file")
     p.add_argument("checkpoint", help="the official checkpoint file")
     p.add_argument("--from", dest="source", required=True, choices=sorted(SOURCES), help="official code base")
     p.add_argument("--out", required=True, help="output model file (.anomalens)")
-    p.add_argument("--backbone", help="backbone name (default: the method's)")
-    p.add_argument("--pretrained", type=_pretrained, default="default", help="'none' = random weights")
+    _shared(p, "--backbone", "--pretrained")
     _pairs(p, "--set", "options", "method/converter option, e.g. configuration=crane+ for Crane")
 
     p = command("serve", cmd_serve, "HTTP API and web page over a model (the [serve] extra; docs/serve.md)")
@@ -406,9 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     _precision_option(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--class-name", default="object", help="class of requests that name none")
+    _shared(p, "--class-name", default="object", help="class of requests that name none")
     p.add_argument("--support", help="folder of normal images (few-shot): its own, or sub-folders per class")
-    p.add_argument("--threshold", type=float, help="verdict threshold (default: the checkpoint's)")
+    _shared(p, "--threshold")
     p.add_argument("--max-batch-size", type=int, default=8, help="images per micro-batch (default 8)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="wait for a batch to fill (default 5)")
     p.add_argument("--max-queue", type=int, default=64, help="queued images before 503 (default 64)")
@@ -417,15 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("export", cmd_export, "export a model to ONNX (docs/export.md): scores and maps, no torch")
     _model_options(p)
     _precision_option(p)
-    p.add_argument(
-        "--class-name",
-        dest="class_names",
-        action="append",
-        required=True,
-        help="class to bake in (repeatable)",
-    )
+    help = "class to bake in (repeatable)"
+    p.add_argument("--class-name", dest="class_names", action="append", required=True, help=help)
     p.add_argument("--format", default="onnx", choices=("onnx",), help="export format (default onnx)")
-    p.add_argument("--support", nargs="+", help="normal images baked in (few-shot methods)")
+    _shared(p, "--support", help="normal images baked in (few-shot methods)")
     p.add_argument("--out", required=True, help="output file (.onnx)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: torch's)")
     return parser
@@ -496,29 +438,20 @@ def _pairs(parser: argparse.ArgumentParser, flag: str, dest: str, help: str) -> 
     parser.add_argument(flag, dest=dest, action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
-def _data_options(parser: argparse.ArgumentParser, split_help: str) -> None:
-    parser.add_argument("--data", action="append", required=True, help="dataset spec (repeatable)")
-    parser.add_argument("--split", default="test", help=split_help)
-    parser.add_argument("--classes", type=_names, help="comma-separated subset of classes")
-
-
 def _model_options(parser: argparse.ArgumentParser, checkpoint: bool = True) -> None:
     if checkpoint:
         parser.add_argument("--checkpoint", help="a saved model (.anomalens)")
     parser.add_argument("--method", help="a registered method (see `anomalens list`)")
-    parser.add_argument("--backbone", help="backbone name (default: the method's)")
-    pretrained_help = "open_clip tag, 'openai', a weights file, or 'none' for random weights"
-    parser.add_argument("--pretrained", type=_pretrained, default="default", help=pretrained_help)
+    _shared(parser, "--backbone")
+    _shared(
+        parser, "--pretrained", help="open_clip tag, 'openai', a weights file, or 'none' for random weights"
+    )
     _pairs(parser, "--set", "options", "method option (JSON value or string)")
 
 
 def _precision_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--precision",
-        choices=("fp32", "bf16", "fp16", "int8"),
-        default="fp32",
-        help="image tower at inference: bf16/fp16 autocast (fp16 GPU only), int8 dynamic quantisation (CPU)",
-    )
+    help = "image tower at inference: bf16/fp16 autocast (fp16 GPU only), int8 dynamic quantisation (CPU)"
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16", "int8"), default="fp32", help=help)
 
 
 def _join_torchrun() -> bool:
@@ -532,14 +465,6 @@ def _join_torchrun() -> bool:
 
     distributed.setup()
     return distributed.is_main()
-
-
-def _workers_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--workers",
-        type=int,
-        help="processes reading and resizing images while the model runs (default: up to 4; 0: none)",
-    )
 
 
 def _model(args: argparse.Namespace, allow_checkpoint: bool = True, allow_method: bool = True) -> Method:
@@ -599,6 +524,29 @@ def _shots_or_full(value: str) -> int | str:
     if value != "full" and not value.strip().isdigit():
         raise argparse.ArgumentTypeError(f"expected a number or 'full', got {value!r}")
     return value if value == "full" else int(value)
+
+
+# Options of several commands: flag -> `add_argument` keywords (a command may override some).
+SHARED: dict[str, dict[str, Any]] = {
+    "--backbone": {"help": "backbone name (default: the method's)"},
+    "--pretrained": {"type": _pretrained, "default": "default", "help": "'none' = random weights"},
+    "--support": {"nargs": "+", "help": "K normal images of the class (few-shot methods)"},
+    "--class-name": {"help": "object/class name given to the method (default 'object')"},
+    "--threshold": {"type": float, "help": "verdict threshold (default: the checkpoint's)"},
+    "--classes": {"type": _names, "help": "comma-separated subset of classes"},
+    "--batch-size": {"type": int, "default": 16},
+    "--epochs": {"type": int},
+    "--lr": {"type": float},
+    "--workers": {
+        "type": int,
+        "help": "processes reading and resizing images while the model runs (default: up to 4; 0: none)",
+    },
+}
+
+
+def _shared(parser: argparse.ArgumentParser, *flags: str, **override: Any) -> None:
+    for flag in flags:
+        parser.add_argument(flag, **SHARED[flag] | override)
 
 
 def _one_line(error: BaseException) -> str:

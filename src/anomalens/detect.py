@@ -33,6 +33,20 @@ class Detection:
     heatmaps: list[Path] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
+    def report(self, shown_rows: int = 20) -> str:
+        """What `anomalens detect` prints: the rows (up to `shown_rows` of them), the files written, and
+        a note when there are no verdicts."""
+        lines = []
+        if len(self.rows) <= shown_rows:
+            lines = ["\t".join([f"{s:.6g}", *([v] if v else []), p]) for p, s, v in self.rows]
+        where = f" and heatmaps into {self.csv_path.parent / 'heatmaps'}" if self.heatmaps else ""
+        lines.append(f"scored {len(self.rows)} image(s): {self.csv_path}{where}")
+        if self.rows and self.rows[0][2] is None:
+            lines.append(
+                "no verdicts: the model has no threshold (run `anomalens calibrate` or pass --threshold)"
+            )
+        return "\n".join(lines)
+
 
 def image_files(paths: Sequence[str], class_name: str | None = None) -> Dataset:
     """Unlabelled images as a `Dataset` (label 0, no mask, class `class_name` or "object"); an image is

@@ -133,8 +133,8 @@ def reproduce(
     """Run `method`'s paper protocol on the datasets under `data_root`; write and return the comparison.
 
     weights: converted official checkpoints (``anomalens convert``), evaluated without training: a
-        mapping {training dataset: file} (e.g. {"visa": "aa_visa.anomalens"}), or one file for a protocol
-        whose legs all train on one dataset; only the legs with weights run.
+        mapping {training dataset: file} (e.g. {"visa": "aa_visa.anomalens"}, or ``["visa=FILE"]``), or
+        one file for a protocol whose legs all train on one dataset; only the legs with weights run.
     options, train_options: method options and TrainConfig overrides on top of the recipe's (e.g. a
         tiny schedule ``{"epochs": 1}`` for a smoke run); backbone/pretrained as for `create`.
     Returns ``{"method", "protocol", "recipe", "legs": {leg: results document}, "rows": [...]}``
@@ -245,28 +245,22 @@ def _train_leg(
     progress: bool,
 ) -> Method:
     """Train the protocol's method on `leg.train` with the recipe; the user's overrides win."""
-    import anomalens.data as al_data
-    from anomalens.methods import create
-    from anomalens.recipes import apply as apply_recipe
-    from anomalens.recipes import recipe as named_recipe
+    from anomalens.training import train
 
-    recipe = named_recipe(protocol.method, protocol.recipe)
-    model = create(
+    return train(
         protocol.method,
+        [_spec(leg.train, root)],
+        run_dir,
+        recipe=protocol.recipe,
+        shots=leg.train_shots,
         backbone=backbone,
         pretrained=pretrained,
+        options={**protocol.options, **(options or {})},
         device=device,
-        **{**recipe.options, **protocol.options, **(options or {})},
-    )
-    apply_recipe(model, recipe)
-    spec = _spec(leg.train, root)
-    dataset = al_data.shot_subset(
-        al_data.load(spec, recipe.split), leg.train_shots, model.shot_semantics, seed=seed
-    )
-    support = al_data.load(spec, "all") if model.needs_support else None
-    train = dict(train_options or {})  # on top of the recipe's schedule: the user's values win
-    model.fit(dataset, out_dir=run_dir, seed=seed, progress=progress, support_data=support, **train)
-    return model
+        seed=seed,
+        progress=progress,
+        **(train_options or {}),
+    ).method
 
 
 def _evaluate_leg(
@@ -302,9 +296,13 @@ def _dataset_key(results: Mapping[str, Any], shots: int | None) -> str | None:
 def _weights_by_leg(
     protocol: Protocol, weights: Mapping[str, str] | Sequence[str] | None
 ) -> dict[Leg, str] | None:
-    """{leg: checkpoint} from {training dataset: file} or one file; None = train every leg."""
+    """{leg: checkpoint} from {training dataset: file} (or "DATASET=FILE" strings) or one file; None =
+    train every leg."""
     if not weights:
         return None
+    pairs = [] if isinstance(weights, Mapping) else [w.partition("=") for w in weights]
+    if pairs and all(sep for _, sep, _ in pairs):
+        weights = {k: v for k, _, v in pairs}
     trained_on = {leg.train for leg in protocol.legs}
     if not isinstance(weights, Mapping):
         if len(weights) != 1 or len(trained_on) != 1:
