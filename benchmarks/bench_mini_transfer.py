@@ -1,6 +1,6 @@
 """Zero-shot transfer of the `anomalens-mini` CLIP to classes it never saw (docs/anomalens-mini.md).
 
-    PYTHONPATH=src python benchmarks/bench_mini_transfer.py [--n 16] [--methods winclip aa-clip crane inctrl]
+    PYTHONPATH=src python benchmarks/bench_mini_transfer.py [--n 16] [--methods winclip aa-clip crane ...]
                                                            [--shots 4] [--out PATH]
 
 Data: `synthetic:transfer` (the method-training and held-out classes of `anomalens.data.captions`,
@@ -9,9 +9,12 @@ masks) and are evaluated on the test split of the *held-out* classes generated w
 backbone saw neither group in pre-training. Rows:
 
 * WinCLIP zero-shot on the pre-trained backbone and on the same architecture with random weights;
-* AA-CLIP and Crane untrained (their learnable parts at initialisation) and trained;
-* InCTRL with K normal support images per held-out class, untrained and trained (its zero-shot
-  counterpart is the WinCLIP row: the same prompt ensemble without the support images).
+* AA-CLIP, Crane, AdaCLIP, APRIL-GAN and AnomalyCLIP untrained (their learnable parts at
+  initialisation) and trained;
+* InCTRL and InCTRLv2 with K normal support images per held-out class, untrained and trained (their
+  zero-shot counterpart is the WinCLIP row: the same prompt ensemble without the support images).
+
+Every method runs at the backbone's native 48 px (`image_size=48`).
 
 Prints a markdown table (image and pixel AUROC, %, mean over held-out classes) and writes JSON
 (default benchmarks/results/mini_transfer.json).
@@ -36,16 +39,24 @@ from anomalens.methods import create
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "mini_transfer.json"
 # Per method: options and a CPU training schedule (engine overrides), chosen on the *training* classes.
+# Every method runs at the backbone's native 48 px: AdaCLIP, AnomalyCLIP, APRIL-GAN and Crane default to
+# the papers' 518.
+NATIVE = {"image_size": 48}
+SCHEDULE = {"epochs": 4, "batch_size": 8, "lr": 1e-3, "augment": False}
 SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "winclip": ({}, {}),
-    "aa-clip": ({}, {"epochs": 4, "batch_size": 8, "text.lr": 1e-3, "image.lr": 1e-3, "augment": False}),
-    # anomalens-mini's embed_dim (128) differs from its text width (64): no image context for Crane.
-    "crane": (
-        {"context_in_training": False, "context_at_test": False},
-        {"epochs": 4, "batch_size": 8, "lr": 1e-3, "augment": False},
+    "winclip": (NATIVE, {}),
+    "aa-clip": (
+        NATIVE,
+        {"epochs": 4, "batch_size": 8, "text.lr": 1e-3, "image.lr": 1e-3, "augment": False},
     ),
+    # anomalens-mini's embed_dim (128) differs from its text width (64): no image context for Crane.
+    "crane": (NATIVE | {"context_in_training": False, "context_at_test": False}, SCHEDULE),
+    "adaclip": (NATIVE, SCHEDULE),
+    "april-gan": (NATIVE, SCHEDULE),
+    "anomalyclip": (NATIVE, SCHEDULE | {"epochs": 8}),
     # InCTRL: the official 10 epochs (2 left its heads undertrained: held-out image AUROC fell).
-    "inctrl": ({}, {"epochs": 10, "batch_size": 8, "lr": 1e-3, "augment": False}),
+    "inctrl": (NATIVE, SCHEDULE | {"epochs": 10}),
+    "inctrlv2": (NATIVE, SCHEDULE),
 }
 
 
@@ -79,9 +90,8 @@ def transfer(
         torch.manual_seed(seed)
         start = time.time()
         if name == "winclip":
-            evaluate(
-                name, "random weights", create(name, backbone=MINI, pretrained=None, device="cpu"), start
-            )
+            random = create(name, backbone=MINI, pretrained=None, device="cpu", **options)
+            evaluate(name, "random weights", random, start)
             start = time.time()
         model = create(name, backbone=MINI, pretrained=MINI, device="cpu", **options)
         evaluate(name, "zero-shot" if name == "winclip" else "untrained", model, start)
