@@ -18,7 +18,7 @@ from PIL import Image
 
 import anomalens.data as al_data
 from anomalens import create
-from anomalens.calibrate import calibrate, threshold_f1, threshold_from_normals
+from anomalens.calibrate import calibrate, calibrate_checkpoint, threshold_f1, threshold_from_normals
 from anomalens.engine import distributed
 from anomalens.evaluation import evaluate_method, markdown_table, write_results
 from anomalens.methods.base import BatchPrediction, Method
@@ -300,6 +300,30 @@ def test_calibrate_sets_the_method_threshold(mvtec_root):
     assert method.threshold == pytest.approx(expected) and result.f1 == pytest.approx(f1)
     with pytest.raises(ValueError, match="either images"):
         calibrate(method)
+
+
+def test_calibrate_checkpoint_from_a_spec_or_image_folders(mvtec_root, tmp_path):
+    """A saved model calibrated from a dataset spec (F1 rule) or from a folder of normal images (the
+    percentile rule), stored in `out` or over the checkpoint; the same threshold as `calibrate`."""
+    import anomalens
+    from anomalens_onnx.files import expand_inputs
+
+    method = anomalens.methods.create("winclip", "test-tiny", None, device="cpu", image_size=64)
+    checkpoint = method.save(tmp_path / "model.anomalens")
+    spec = f"mvtec:{mvtec_root}"
+    result, path = calibrate_checkpoint(
+        checkpoint, data=spec, classes=["bottle"], out=tmp_path / "c.anomalens"
+    )
+    expected = calibrate(method, data=al_data.load(spec, "test", ["bottle"]))
+    assert path == tmp_path / "c.anomalens" and result.rule == "f1"
+    assert anomalens.methods.load(path).threshold == pytest.approx(expected.threshold)
+    assert anomalens.methods.load(checkpoint).threshold is None  # `out` given: the checkpoint is kept
+    normals = mvtec_root / "bottle" / "train" / "good"
+    result, path = calibrate_checkpoint(checkpoint, normals=[str(normals)], percentile=100)
+    files = expand_inputs([str(normals)])  # the folder's images (its macOS "._*" files are skipped)
+    expected = float(method.predict(files).scores.max())
+    assert path == checkpoint and (result.rule, result.n_normal) == ("percentile", len(files))
+    assert anomalens.methods.load(checkpoint).threshold == pytest.approx(expected)
 
 
 # ---------------------------------------------------------------------- torchrun: sharded eval and detect

@@ -8,14 +8,17 @@ therefore uses those same per-image scores, never the set-level normalised ones 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from anomalens.data.types import Dataset
 from anomalens.inference import predict_batches
-from anomalens.methods.base import ImageLike, Method
+from anomalens.methods.base import DEFAULT, ImageLike, Method
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,38 @@ def calibrate(
         )
     method.threshold = result.threshold
     return result
+
+
+def calibrate_checkpoint(
+    checkpoint: str | os.PathLike,
+    *,
+    data: str | None = None,
+    normals: Sequence[str] | None = None,
+    split: str = "test",
+    classes: Sequence[str] | None = None,
+    support: Sequence[str] | None = None,
+    out: str | os.PathLike | None = None,
+    device: str = "auto",
+    pretrained: str | None = DEFAULT,
+    **options: Any,
+) -> tuple[Calibration, Path]:
+    """Calibrate a saved model and store its threshold (what `anomalens calibrate` runs): `calibrate` on
+    the dataset spec `data` (its `split`, `classes`) or on the normal images `normals` (files, folders,
+    globs), then save the model to `out` (default: over `checkpoint`). Returns the calibration and the
+    file written.
+
+    support: normal images (files, folders, globs) of few-shot methods. options: `calibrate`'s
+    (``rule``, ``percentile``, ``class_name``, ``batch_size``).
+    """
+    import anomalens.data as al_data
+    from anomalens.methods.base import load
+    from anomalens_onnx.files import expand_inputs
+
+    method = load(checkpoint, device=device, pretrained=pretrained)
+    images = expand_inputs(normals) if normals else None
+    dataset = al_data.load(data, split, classes) if data else None
+    files = expand_inputs(support) if support else None
+    return calibrate(method, images, dataset, support=files, **options), method.save(out or checkpoint)
 
 
 def _finite_scores(scores: Sequence[float] | np.ndarray) -> np.ndarray:

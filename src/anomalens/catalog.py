@@ -51,6 +51,20 @@ class MethodInfo:
     default_pretrained: str | None
 
 
+def listing() -> str:
+    """What `anomalens list` prints: each method (trainable or training-free, zero- or few-shot, default
+    backbone and tag), then the backbone names."""
+    lines = ["methods:"]
+    for name, info in method_catalog().items():
+        kind = "trainable" if info.trainable else "training-free"
+        shots = "few-shot" if info.needs_support else "zero-shot"
+        default = f"{info.default_backbone} ({info.default_pretrained})"
+        lines.append(f"  {name:<12} {kind:<13} {shots:<9} default: {default}")
+    lines.append("backbones (--backbone; --pretrained: an open_clip tag, 'openai', a file, or 'none'):")
+    lines.append("  " + ", ".join(list_backbones()))
+    return "\n".join(lines)
+
+
 @functools.cache
 def method_catalog() -> dict[str, MethodInfo]:
     """Every registered method by name, sorted, read from the sources of ``anomalens/methods``."""

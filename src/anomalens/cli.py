@@ -24,70 +24,58 @@ if TYPE_CHECKING:
 PROG = "anomalens"
 SHOWN_ROWS = 20  # detect prints its rows when there are at most this many
 RESOLUTION_HELP = "score at each image's resolution, or at the model's input size as official code"
-Handler = Callable[["argparse.Namespace"], int]
+Handler = Callable[["argparse.Namespace"], "int | None"]
 
 
 # ---------------------------------------------------------------------- commands
-def cmd_list(args: argparse.Namespace) -> int:
-    from anomalens.catalog import list_backbones, method_catalog  # read from the sources: no torch
+# Each handler returns its exit code, or None for 0.
+def cmd_list(args: argparse.Namespace) -> None:
+    from anomalens.catalog import listing  # read from the sources: no torch
 
-    print("methods:")
-    for name, info in method_catalog().items():
-        kind = "trainable" if info.trainable else "training-free"
-        shots = "few-shot" if info.needs_support else "zero-shot"
-        default = f"{info.default_backbone} ({info.default_pretrained})"
-        print(f"  {name:<12} {kind:<13} {shots:<9} default: {default}")
-    print("backbones (--backbone; --pretrained: an open_clip tag, 'openai', a file, or 'none'):")
-    print("  " + ", ".join(list_backbones()))
-    return 0
+    print(listing())
 
 
-def cmd_detect(args: argparse.Namespace) -> int:
+def cmd_detect(args: argparse.Namespace) -> int | None:
     from anomalens.detect import detect
+    from anomalens.onnx_model import OnnxModel
 
+    if args.onnx and (args.checkpoint or args.method or args.support):
+        _usage_error("--onnx replaces --checkpoint/--method/--support (the export holds its support set)")
     main = _join_torchrun()
-    model = _onnx_model(args.onnx, args) if args.onnx else _model(args)
-    result = _call(detect, args, model=model)
+    result = _call(detect, args, model=OnnxModel(args.onnx) if args.onnx else _model(args))
     if not main:  # every process holds the merged result; rank 0 reports it
         return 1 if result.failures else 0
     print(result.report(SHOWN_ROWS))
+    for failure in result.failures:
+        _warn(failure)
     if result.failures:
-        for failure in result.failures:
-            _warn(failure)
-        raise ValueError(
-            f"{len(result.failures)} of {len(result.failures) + len(result.rows)} image(s) unreadable"
-        )
-    return 0
+        total = len(result.failures) + len(result.rows)
+        raise ValueError(f"{len(result.failures)} of {total} image(s) unreadable")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace) -> None:
     from anomalens.engine import MODEL_FILE, train_method
     from anomalens.training import train
 
     if not args.method:
         _usage_error("give --method")
-    given = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "amp": args.amp or None}
-    overrides = _parse_options(args.train_options, "--train-set") | {
-        k: v for k, v in given.items() if v is not None
-    }
-    run = _call(train, args, train_method, options=_parse_options(args.options), **overrides)
+    flags = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "amp": args.amp or None}
+    overrides = args.train_options | {k: v for k, v in flags.items() if v is not None}
+    run = _call(train, args, train_method, **overrides)
     path = Path(args.out_dir) / MODEL_FILE  # written by the engine after every epoch
     print(f"trained {run.method.name} on {run.dataset.name} ({len(run.dataset)} images): {path}")
     print(f"next: anomalens eval --checkpoint {path} --data <kind>:<root>")
-    return 0
 
 
-def cmd_reproduce(args: argparse.Namespace) -> int:
+def cmd_reproduce(args: argparse.Namespace) -> None:
     from anomalens.reproduce import markdown, reproduce
 
-    options, train_options = _parse_options(args.options), _parse_options(args.train_options, "--train-set")
-    result = _call(reproduce, args, options=options, train_options=train_options)
+    result = _call(reproduce, args)
     print(markdown(result["method"], result["rows"]))
     print(f"results: {Path(args.out) / 'results.json'} and {Path(args.out) / 'table.md'}")
-    return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def cmd_eval(args: argparse.Namespace) -> None:
     import anomalens.data as al_data
     from anomalens.evaluation import evaluate_method, markdown_table
     from anomalens.protocols import run_eval, run_protocol
@@ -95,109 +83,74 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for spec in args.data:  # a mistyped spec fails before a large model is loaded
         al_data.parse_spec(spec)
     main = _join_torchrun()
-    model = _model(args)
-    options = dict(method=model, dataset_or_specs=args.data)
-    results = _call(run_eval, args, run_protocol, evaluate_method, **options)
+    given = {"method": _model(args), "dataset_or_specs": args.data}
+    results = _call(run_eval, args, run_protocol, evaluate_method, **given)
     if not main:
-        return 0
+        return
     print(markdown_table(results))
     print(f"results: {Path(args.out) / 'results.json'} and {Path(args.out) / 'results.md'}")
     if args.report:
         print(f"report: {Path(args.out) / 'report.html'}")
-    return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(args: argparse.Namespace) -> None:
     from anomalens.bench import benchmark, write_bench
     from anomalens.methods.base import list_methods
 
-    methods = args.methods or list_methods()
-    results = _call(benchmark, args, methods=methods, options=_parse_options(args.options))
+    results = _call(benchmark, args, methods=args.methods or list_methods())
     print(write_bench(results, args.out))
     print(f"results: {Path(args.out) / 'bench.json'} and {Path(args.out) / 'bench.md'}")
-    return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from anomalens.demo import demo_summary, run_demo
+def cmd_demo(args: argparse.Namespace) -> None:
+    from anomalens.demo import check_transfer, demo_summary, run_demo
 
     run = _call(run_demo, args, device="cpu" if args.device == "auto" else args.device)
     print(demo_summary(run, args.out))
-    trained = [d["mean"].get("image_auroc") for d in run["trained"]["datasets"].values()]
-    if not all(v is not None and v > 0.5 for v in trained):
-        shown = "–" if trained[0] is None else f"{100 * trained[0]:.1f}"
-        raise RuntimeError(f"the trained model did not beat chance (image AUROC {shown} %)")
-    return 0
+    check_transfer(run)
 
 
-def cmd_data(args: argparse.Namespace) -> int:
+def cmd_data(args: argparse.Namespace) -> None:
     from anomalens.data import DataError
     from anomalens.data.report import describe_spec
 
     report = _call(describe_spec, args)
-    print(report.table)
-    if not report.verified:
-        print("(images not decoded: --no-verify)")
-        return 0
+    print(report.summary())
     if report.problems:
-        for problem in report.problems:
-            print(f"bad file: {problem}")
         raise DataError(f"{len(report.problems)} file(s) of {args.spec} cannot be read (listed above)")
-    print(f"all {report.images} images (and their masks) decode")
-    return 0
 
 
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    import anomalens.data as al_data
-    from anomalens.calibrate import calibrate
-    from anomalens.detect import expand_inputs
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from anomalens.calibrate import calibrate, calibrate_checkpoint
 
     if (args.data is None) == (args.normals is None):
         _usage_error("calibrate needs --data SPEC or --normals FILES (one of them)")
-    model = _model(args, allow_method=False)
-    images = expand_inputs(args.normals) if args.normals else None
-    data = al_data.load(args.data, args.split, args.classes) if args.data else None
-    support = expand_inputs(args.support) if args.support else None
-    result = _call(calibrate, args, method=model, images=images, data=data, support=support)
-    print(f"{result.summary()} stored in {model.save(args.out or args.checkpoint)}")
-    return 0
+    result, path = _call(calibrate_checkpoint, args, calibrate)
+    print(f"{result.summary()} stored in {path}")
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
+def cmd_convert(args: argparse.Namespace) -> None:
     from anomalens.converters import convert
 
-    options = _parse_options(args.options) | ({"backbone": args.backbone} if args.backbone else {})
+    options = args.options | ({"backbone": args.backbone} if args.backbone else {})
     options |= {} if args.pretrained == "default" else {"pretrained": args.pretrained}
     method = convert(args.source, args.checkpoint, **options)
-    path = method.save(args.out)
-    print(f"wrote {path} ({method.name}, backbone {method.backbone.name})")
-    return 0
+    print(f"wrote {method.save(args.out)} ({method.name}, backbone {method.backbone.name})")
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace) -> None:
     from anomalens.serve import run
 
     _call(run, args, model=_model(args), log_level="warning" if args.quiet else "info")
-    return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def cmd_export(args: argparse.Namespace) -> None:
     from anomalens.detect import expand_inputs
     from anomalens.export import export_onnx
 
     support = expand_inputs(args.support) if args.support else None
     path = export_onnx(_model(args), args.out, args.class_names, support=support, opset=args.opset)
     print(f"wrote {path} (classes: {', '.join(args.class_names)}; precision {args.precision})")
-    return 0
-
-
-def _onnx_model(path: str, args: argparse.Namespace) -> Any:
-    """`detect --onnx`: an exported model run by ONNX Runtime (no torch), in place of a method."""
-    from anomalens.onnx_model import OnnxModel
-
-    if args.checkpoint or args.method or args.support:
-        _usage_error("--onnx replaces --checkpoint/--method/--support (the export holds its support set)")
-    return OnnxModel(path)
 
 
 def _call(fn: Callable[..., Any], args: argparse.Namespace, *also: Callable[..., Any], **given: Any) -> Any:
@@ -242,9 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("detect", cmd_detect, "score images (files, folders, globs): scores.csv + heatmap PNGs")
     p.add_argument("inputs", nargs="+", help="image files, folders (recursive) or glob patterns")
-    _model_options(p)
-    _precision_option(p)
-    _shared(p, "--support", "--class-name", "--threshold")
+    _shared(p, *MODEL, "--precision", "--support", "--class-name", "--threshold")
     p.add_argument("--out", default="runs/detect", help="output folder (default runs/detect)")
     _shared(p, "--batch-size")
     p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in the overlays")
@@ -253,8 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", help="an exported model (.onnx), run with ONNX Runtime instead of torch")
 
     p = command("train", cmd_train, "train a method on dataset(s) and write <out>/model.anomalens")
-    _model_options(p, checkpoint=False)
-    p.add_argument("--data", action="append", required=True, help="dataset spec (repeatable)")
+    _shared(p, *MODEL[1:], "--data")
     p.add_argument("--split", help="split to train on (default: the recipe's, else test, as the papers)")
     _shared(p, "--classes")
     recipe_help = "the released code's or paper's settings (docs/recipes.md)"
@@ -268,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast on CUDA (default fp32)")
     p.add_argument("--stages", type=_names, help="comma-separated training stages to run (default all)")
     p.add_argument("--normal-only", action="store_true", help="train on normal images (CoRe-CLIP C.1)")
-    _pairs(p, "--train-set", "train_options", "option for every stage (lr=1e-4) or one (image.lr=1e-4)")
+    _shared(p, "--train-set")
 
     help = "a method's paper protocol end to end, beside the published table"
     p = command("reproduce", cmd_reproduce, help)
@@ -277,15 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     weights_help = "converted official checkpoint: DATASET=FILE (dataset trained on)"
     p.add_argument("--weights", action="append", help=weights_help)
     _shared(p, "--backbone", "--pretrained")
-    _pairs(p, "--set", "options", "method option on top of the recipe's")
-    _pairs(p, "--train-set", "train_options", "training option on top of the recipe's (epochs=1)")
+    _shared(p, "--set", help="method option on top of the recipe's; repeatable")
+    _shared(p, "--train-set", help="training option on top of the recipe's (epochs=1); repeatable")
     _shared(p, "--batch-size", help="evaluation batch size")
     p.add_argument("--out", default="runs/reproduce")
 
     p = command("eval", cmd_eval, "evaluate a checkpoint or method: results.json, markdown table, report")
-    _model_options(p)
-    _precision_option(p)
-    p.add_argument("--data", action="append", required=True, help="dataset spec (repeatable)")
+    _shared(p, *MODEL, "--precision", "--data")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
     _shared(p, "--classes")
     p.add_argument("--protocol", choices=PROTOCOLS, help="default: from --shots and --seeds")
@@ -302,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_names, help="comma-separated methods (default all)")
     _shared(p, "--backbone", help="backbone for every method (default each method's)")
     _shared(p, "--pretrained")
-    _pairs(p, "--set", "options", "option for every benchmarked method")
-    _precision_option(p)
+    _shared(p, "--set", help="option for every benchmarked method; repeatable")
+    _shared(p, "--precision")
     p.add_argument("--batch-sizes", type=_ints, default=[1, 8])
     p.add_argument("--image-size", type=int, default=512, help="side of the synthetic input images")
     p.add_argument("--iters", type=int, default=10, help="timed batches per configuration")
@@ -346,11 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", required=True, choices=sorted(SOURCES), help="official code base")
     p.add_argument("--out", required=True, help="output model file (.anomalens)")
     _shared(p, "--backbone", "--pretrained")
-    _pairs(p, "--set", "options", "method/converter option, e.g. configuration=crane+ for Crane")
+    _shared(p, "--set", help="method/converter option, e.g. configuration=crane+ for Crane; repeatable")
 
     p = command("serve", cmd_serve, "HTTP API and web page over a model (the [serve] extra; docs/serve.md)")
-    _model_options(p)
-    _precision_option(p)
+    _shared(p, *MODEL, "--precision")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     _shared(p, "--class-name", default="object", help="class of requests that name none")
@@ -362,8 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="request size limit, 413 (default 20)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, 413 (default 40e6)")
     p = command("export", cmd_export, "export a model to ONNX (docs/export.md): scores and maps, no torch")
-    _model_options(p)
-    _precision_option(p)
+    _shared(p, *MODEL, "--precision")
     help = "class to bake in (repeatable)"
     p.add_argument("--class-name", dest="class_names", action="append", required=True, help=help)
     p.add_argument("--format", default="onnx", choices=("onnx",), help="export format (default onnx)")
@@ -403,7 +349,7 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
 
                 seed_everything(args.seed)
             args.progress = not args.quiet
-            return args.handler(args)
+            return args.handler(args) or 0
         except KeyboardInterrupt:
             print(f"{PROG}: error: interrupted", file=sys.stderr)
             return 130
@@ -432,28 +378,6 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("--quiet", action="store_true", default=default(False), help="no progress bars")
 
 
-def _pairs(parser: argparse.ArgumentParser, flag: str, dest: str, help: str) -> None:
-    """A repeatable ``KEY=VALUE`` flag such as ``--set`` (parsed by `_parse_options`)."""
-    help = f"{help}; repeatable"
-    parser.add_argument(flag, dest=dest, action="append", default=[], metavar="KEY=VALUE", help=help)
-
-
-def _model_options(parser: argparse.ArgumentParser, checkpoint: bool = True) -> None:
-    if checkpoint:
-        parser.add_argument("--checkpoint", help="a saved model (.anomalens)")
-    parser.add_argument("--method", help="a registered method (see `anomalens list`)")
-    _shared(parser, "--backbone")
-    _shared(
-        parser, "--pretrained", help="open_clip tag, 'openai', a weights file, or 'none' for random weights"
-    )
-    _pairs(parser, "--set", "options", "method option (JSON value or string)")
-
-
-def _precision_option(parser: argparse.ArgumentParser) -> None:
-    help = "image tower at inference: bf16/fp16 autocast (fp16 GPU only), int8 dynamic quantisation (CPU)"
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16", "int8"), default="fp32", help=help)
-
-
 def _join_torchrun() -> bool:
     """Join the process group when started by torchrun (WORLD_SIZE > 1), so that `eval`/`detect` shard
     their images over the processes; True on the process that prints (rank 0, or no torchrun)."""
@@ -467,40 +391,36 @@ def _join_torchrun() -> bool:
     return distributed.is_main()
 
 
-def _model(args: argparse.Namespace, allow_checkpoint: bool = True, allow_method: bool = True) -> Method:
-    """The method named by --checkpoint or --method (+ --backbone/--pretrained/--set)."""
+def _model(args: argparse.Namespace) -> Method:
+    """The method named by --checkpoint or --method (+ --backbone/--pretrained/--set), in --precision."""
     from anomalens.methods import create, load
 
-    checkpoint = getattr(args, "checkpoint", None) if allow_checkpoint else None
-    method = getattr(args, "method", None) if allow_method else None
-    if checkpoint and method:
+    if args.checkpoint and args.method:
         _usage_error("give --checkpoint or --method, not both")
-    if checkpoint:
-        if getattr(args, "options", None) or getattr(args, "backbone", None):
-            _usage_error("--set/--backbone apply to --method; a checkpoint stores its own")
-        model = load(checkpoint, device=args.device, pretrained=args.pretrained)
+    if not (args.checkpoint or args.method):
+        _usage_error("give --checkpoint or --method")
+    if args.checkpoint and (args.options or args.backbone):
+        _usage_error("--set/--backbone apply to --method; a checkpoint stores its own")
+    if args.checkpoint:
+        model = load(args.checkpoint, device=args.device, pretrained=args.pretrained)
     else:
-        if not method:
-            _usage_error("give --checkpoint or --method" if allow_checkpoint else "give --method")
-        options = _parse_options(args.options)
-        model = create(
-            method, backbone=args.backbone, pretrained=args.pretrained, device=args.device, **options
-        )
-    return model.set_precision(getattr(args, "precision", "fp32"))
+        model = create(args.method, args.backbone, args.pretrained, args.device, **args.options)
+    return model.set_precision(args.precision)
 
 
-def _parse_options(pairs: Sequence[str], flag: str = "--set") -> dict[str, Any]:
-    """KEY=VALUE pairs → {key: JSON value, or the string when it is not JSON}."""
-    options = {}
-    for pair in pairs:
+class _Pairs(argparse.Action):
+    """A repeatable ``KEY=VALUE`` flag such as ``--set``: a dict {key: JSON value, or the string when
+    it is not JSON}."""
+
+    def __call__(self, parser: Any, namespace: Any, pair: Any, flag: str | None = None) -> None:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             _usage_error(f"{flag} expects KEY=VALUE, got {pair!r}")
         try:
-            options[key.strip()] = json.loads(value)
+            parsed = json.loads(value)
         except json.JSONDecodeError:
-            options[key.strip()] = value
-    return options
+            parsed = value
+        setattr(namespace, self.dest, {**getattr(namespace, self.dest), key.strip(): parsed})
 
 
 def _pretrained(value: str) -> str | None:
@@ -526,10 +446,36 @@ def _shots_or_full(value: str) -> int | str:
     return value if value == "full" else int(value)
 
 
+def _pairs(dest: str, help: str) -> dict[str, Any]:
+    """`add_argument` keywords of a repeatable ``KEY=VALUE`` flag (`_Pairs`)."""
+    return {
+        "dest": dest,
+        "action": _Pairs,
+        "default": {},
+        "metavar": "KEY=VALUE",
+        "help": f"{help}; repeatable",
+    }
+
+
 # Options of several commands: flag -> `add_argument` keywords (a command may override some).
 SHARED: dict[str, dict[str, Any]] = {
+    "--checkpoint": {"help": "a saved model (.anomalens)"},
+    "--method": {"help": "a registered method (see `anomalens list`)"},
     "--backbone": {"help": "backbone name (default: the method's)"},
-    "--pretrained": {"type": _pretrained, "default": "default", "help": "'none' = random weights"},
+    "--pretrained": {
+        "type": _pretrained,
+        "default": "default",
+        "help": "open_clip tag, 'openai', a weights file, or 'none' for random weights",
+    },
+    "--set": _pairs("options", "method option (JSON value or string)"),
+    "--train-set": _pairs("train_options", "option for every stage (lr=1e-4) or one (image.lr=1e-4)"),
+    "--precision": {
+        "choices": ("fp32", "bf16", "fp16", "int8"),
+        "default": "fp32",
+        "help": "image tower at inference: bf16/fp16 autocast (fp16 GPU only), "
+        "int8 dynamic quantisation (CPU)",
+    },
+    "--data": {"action": "append", "required": True, "help": "dataset spec (repeatable)"},
     "--support": {"nargs": "+", "help": "K normal images of the class (few-shot methods)"},
     "--class-name": {"help": "object/class name given to the method (default 'object')"},
     "--threshold": {"type": float, "help": "verdict threshold (default: the checkpoint's)"},
@@ -542,6 +488,10 @@ SHARED: dict[str, dict[str, Any]] = {
         "help": "processes reading and resizing images while the model runs (default: up to 4; 0: none)",
     },
 }
+
+
+# --checkpoint or --method of a model, as `_model` reads them.
+MODEL = ("--checkpoint", "--method", "--backbone", "--pretrained", "--set")
 
 
 def _shared(parser: argparse.ArgumentParser, *flags: str, **override: Any) -> None:

@@ -149,5 +149,13 @@ def demo_summary(run: dict, out: str | os.PathLike) -> str:
     )
 
 
+def check_transfer(run: dict) -> None:
+    """Raise RuntimeError unless the trained model beat chance (image AUROC > 0.5) on every held-out
+    dataset of `run` (what `anomalens demo` checks after printing its summary)."""
+    trained = [d["mean"].get("image_auroc") for d in run["trained"]["datasets"].values()]
+    if not all(v is not None and v > 0.5 for v in trained):
+        raise RuntimeError(f"the trained model did not beat chance (image AUROC {_percent(trained[0])} %)")
+
+
 def _percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"

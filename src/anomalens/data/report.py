@@ -17,6 +17,14 @@ class SpecReport:
     verified: bool
     problems: list[str] = field(default_factory=list)
 
+    def summary(self) -> str:
+        """What `anomalens data` prints: the table, then the files that fail to decode (or that all do)."""
+        if not self.verified:
+            return f"{self.table}\n(images not decoded: --no-verify)"
+        if self.problems:
+            return "\n".join([self.table, *(f"bad file: {problem}" for problem in self.problems)])
+        return f"{self.table}\nall {self.images} images (and their masks) decode"
+
 
 def describe_spec(
     spec: str,
