@@ -11,6 +11,7 @@ backbone saw neither group in pre-training. Rows:
 * WinCLIP zero-shot on the pre-trained backbone and on the same architecture with random weights;
 * AA-CLIP, Crane, AdaCLIP, APRIL-GAN and AnomalyCLIP untrained (their learnable parts at
   initialisation) and trained;
+* CoRe-CLIP untrained and trained (it does not transfer here: no subject masks in this data);
 * InCTRL and InCTRLv2 with K normal support images per held-out class, untrained and trained (their
   zero-shot counterpart is the WinCLIP row: the same prompt ensemble without the support images).
 
@@ -57,6 +58,8 @@ SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # InCTRL: the official 10 epochs (2 left its heads undertrained: held-out image AUROC fell).
     "inctrl": (NATIVE, SCHEDULE | {"epochs": 10}),
     "inctrlv2": (NATIVE, SCHEDULE),
+    # CoRe-CLIP: synthetic:transfer has no subject masks, so only its global branch gets a signal.
+    "core-clip": (NATIVE, SCHEDULE),
 }
 
 
