@@ -133,3 +133,35 @@ def _run(command: list[str], env: dict[str, str], cwd: Path, returncode: int = 0
     if returncode:
         assert done.stderr.startswith("anomalens-onnx: error:") and done.stderr.count("\n") == 1
     return done.stdout
+
+
+def test_anomalens_detect_onnx_imports_no_torch(exported, tmp_path):
+    """`anomalens detect --onnx` of the full library runs where importing torch fails (its ONNX path
+    never loads torch): the scores of `Method.predict` with verdicts, and colour overlays as with torch;
+    an unreadable image is a warning line, then a one-line error and exit code 1."""
+    from PIL import Image
+
+    from anomalens.detect import write_heatmap
+
+    model, image, expected = exported
+    block = "import sys; sys.modules['torch'] = None; "  # `import torch` now fails
+    run = "from anomalens.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    detect = [sys.executable, "-c", block + run, "detect", "--onnx", str(model), "--quiet"]
+    for workers in ("0", "2"):  # images read here, or by threads
+        out = tmp_path / f"out{workers}"
+        command = [*detect, str(image), "--workers", workers, "--out", str(out)]
+        done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        _check_detect_output(out, image, expected)
+        overlay = np.asarray(Image.open(out / "heatmaps" / "part.png"), dtype=np.float64)
+        reference = write_heatmap(np.asarray(Image.open(image)), expected.maps[0], 0.5, tmp_path / "ref.png")
+        assert overlay.shape == (SIZE, SIZE, 3)  # a colour overlay, not the grey map of anomalens-onnx
+        assert np.abs(overlay - np.asarray(Image.open(reference))).mean() < 1.0
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    command = [*detect, str(image), str(broken), "--out", str(tmp_path / "out")]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, check=False)
+    warning, error = done.stderr.splitlines()
+    assert done.returncode == 1 and warning.startswith("anomalens: warning: cannot read image ")
+    assert str(broken) in warning and error == "anomalens: error: 1 of 2 image(s) unreadable"

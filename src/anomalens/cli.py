@@ -344,7 +344,8 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
             warnings.showwarning = lambda message, *_a, **_k: _warn(str(message))
             root.addHandler(log_handler)
         try:
-            if args.handler is not cmd_list:  # listing draws no random number and imports no torch
+            # Listing and `detect --onnx` draw no random number from torch and must not import it.
+            if args.handler is not cmd_list and not getattr(args, "onnx", None):
                 from anomalens.engine.trainer import seed_everything
 
                 seed_everything(args.seed)

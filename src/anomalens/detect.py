@@ -1,27 +1,35 @@
 """Score image files with a model: ``scores.csv`` with a verdict per image, and heatmap overlays.
 
 What `anomalens detect` runs; works on single files, folders and glob patterns, with no dataset layout.
+With an ONNX export (`OnnxModel`) nothing here imports torch: the images are read by threads and scored
+by ONNX Runtime, so `anomalens detect --onnx` never loads torch (tests/test_onnx_package.py).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import os
+import sys
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from anomalens.data.types import Dataset, Record, Sample
+from anomalens.data.types import DataError, Dataset, Record, Sample
 from anomalens_onnx.files import expand_inputs, unique_stem
+from anomalens_onnx.model import OnnxModel
 
 if TYPE_CHECKING:
     from anomalens.methods.base import Method
+
+MAX_THREADS = 4  # threads decoding images for an ONNX model (as `inference.MAX_WORKERS` processes)
+T = TypeVar("T")
 
 
 @dataclass
@@ -60,7 +68,7 @@ def image_files(paths: Sequence[str], class_name: str | None = None) -> Dataset:
 
 
 def detect(
-    model: Method,
+    model: Method | OnnxModel,
     inputs: Sequence[str],
     out: str | os.PathLike,
     *,
@@ -79,13 +87,13 @@ def detect(
     threshold: verdicts use ``score > threshold``; default the model's calibrated `threshold` (none:
     no verdict column). Unreadable images are reported in `failures` and skipped.
     Heatmap colours span [0, 1] when a map lies in it (probability-like maps), else the map's own range.
-    Images are read in `workers` loader processes (`anomalens.inference.predict_batches`) and heatmaps
-    are drawn and written in a background thread while the model scores the next batch.
+    Images are read in `workers` loader processes (`anomalens.inference.predict_batches`; for an
+    `OnnxModel`, `workers` threads and no torch) and heatmaps are drawn and written in a background
+    thread while the model scores the next batch.
     """
     from tqdm.auto import tqdm
 
     from anomalens.files import atomic_write
-    from anomalens.inference import predict_batches
 
     files = expand_inputs(inputs)
     support_files = expand_inputs(support) if support else None
@@ -107,15 +115,16 @@ def detect(
     main = rank == 0  # the process that writes scores.csv
     bar = tqdm(total=len(mine), desc="detect", unit="img", disable=not (progress and main), leave=False)
     with bar, ThreadPoolExecutor(max_workers=1) as writer:
-        for samples, pred in predict_batches(
+        batches = _predict_batches(
             model,
             image_files(mine, class_name),
-            support=support_files,
-            batch_size=batch_size,
-            errors=result.failures,
-            on_batch=bar.update,
-            workers=workers,
-        ):
+            support_files,
+            batch_size,
+            result.failures,
+            bar.update,
+            workers,
+        )
+        for samples, pred in batches:
             for sample, score, amap in zip(samples, pred.scores, pred.maps, strict=True):
                 verdict = None if threshold is None else ("anomalous" if score > threshold else "normal")
                 result.rows.append((sample.path, float(score), verdict))
@@ -147,12 +156,77 @@ def write_heatmap(image: np.ndarray, amap: np.ndarray, alpha: float, path: Path)
     return save_png(overlay(image, amap, alpha, vmin, vmax), path)
 
 
+def _predict_batches(
+    model: Method | OnnxModel,
+    dataset: Dataset,
+    support: list[str] | None,
+    batch_size: int,
+    errors: list[str],
+    on_batch: Callable[[int], Any],
+    workers: int | None,
+) -> Iterator[tuple[list[Sample], Any]]:
+    """`anomalens.inference.predict_batches` of a method; for an ONNX export the same batches without
+    torch: `workers` threads (None: up to `MAX_THREADS`; 0: none) decode the images, at most two batches
+    ahead of ONNX Runtime. Unreadable images are reported in `errors` and skipped."""
+    if not isinstance(model, OnnxModel):
+        from anomalens.inference import predict_batches
+
+        options = {"errors": errors, "on_batch": on_batch, "workers": workers}
+        return predict_batches(model, dataset, support=support, batch_size=batch_size, **options)
+    if workers is not None and workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+
+    def read(i: int) -> Sample | str:
+        try:
+            return dataset[i]
+        except DataError as error:
+            return str(error)
+
+    threads = min(MAX_THREADS, os.cpu_count() or 1) if workers is None else workers
+    return _onnx_batches(
+        model, _in_order(read, len(dataset), threads, 2 * batch_size), batch_size, errors, on_batch
+    )
+
+
+def _onnx_batches(
+    model: OnnxModel,
+    outcomes: Iterator[Sample | str],
+    batch_size: int,
+    errors: list[str],
+    on_batch: Callable[[int], Any],
+) -> Iterator[tuple[list[Sample], Any]]:
+    """(samples, prediction) per batch of `batch_size` outcomes (a sample, or why it could not be read)."""
+    while batch := list(itertools.islice(outcomes, batch_size)):
+        samples = [o for o in batch if isinstance(o, Sample)]
+        errors.extend(o for o in batch if isinstance(o, str))
+        if samples:
+            names = [s.class_name for s in samples]
+            yield samples, model.predict([s.image for s in samples], names, batch_size=batch_size)
+        on_batch(len(batch))
+
+
+def _in_order(read: Callable[[int], T], n: int, threads: int, ahead: int) -> Iterator[T]:
+    """read(0), ..., read(n - 1) in order; with `threads`, up to `ahead` of them run in that many
+    threads before they are consumed (0: each runs when it is consumed)."""
+    if not threads:
+        yield from map(read, range(n))
+        return
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        pending: deque[Future[T]] = deque()
+        for i in range(n):
+            pending.append(pool.submit(read, i))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def _shard(n: int, batch_size: int) -> tuple[int, list[int] | None]:
     """This process's rank and, under torchrun, the indices of the n files it scores (whole batches
-    of them, `distributed.shard`); (0, None) outside a group of several processes."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    of them, `distributed.shard`); (0, None) outside a group of several processes (always when
+    torch.distributed was never imported, e.g. for an ONNX model outside torchrun)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return 0, None
     from anomalens.engine import distributed  # loads the training engine: only under torchrun
 
