@@ -79,6 +79,22 @@ def test_usage_errors_are_one_line_with_exit_code_2(capsys):
     assert main([]) == 2
 
 
+def test_key_value_flags_parse_into_a_dict(capsys):
+    """--set/--train-set: JSON values (else the string), the last of a repeated key wins, each command
+    line gets its own dict; a pair without '=' is a one-line usage error."""
+    from anomalens.cli import build_parser
+
+    parser = build_parser()
+    argv = ["train", "--method", "m", "--data", "d", "--out", "o", "--set", "a=1", "--set", "b=x"]
+    args = parser.parse_args([*argv, "--set", "a=[2]", "--train-set", "image.lr=1e-4"])
+    assert args.options == {"a": [2], "b": "x"} and args.train_options == {"image.lr": 1e-4}
+    assert parser.parse_args(argv[:7]).options == {}  # the default dict is not shared
+    code, _, err = run(capsys, *argv[:7], "--set", "x")
+    assert code == 2 and err.splitlines() == [
+        "anomalens: error: --set expects KEY=VALUE, got 'x' (see 'anomalens train --help')"
+    ]
+
+
 def test_runtime_errors_are_one_line_without_traceback(capsys, mvtec_root):
     code, out, err = run(capsys, "eval", "--method", "no-such-method", "--data", f"mvtec:{mvtec_root}")
     assert code == 1 and out == ""

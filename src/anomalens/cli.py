@@ -1,7 +1,8 @@
 """`anomalens <command>`: argparse over the public API (DESIGN §3.5); parsing and printing only.
 
 Each command calls library functions (`detect`, `run_eval`, `run_demo`, `Method.fit`, ...) whose
-parameters are named like its flags; `_call` fills them from the parsed flags. Modules are imported
+parameters are named like its flags; `_call` fills them from the parsed flags. The flags several
+commands share, and the argument types, are a table in `anomalens.cli_options`. Modules are imported
 inside the commands, so ``--help`` loads no model code. Errors: one line on stderr, ``anomalens: error:
 <message>``, exit code 1 (2 for usage errors); ``--debug`` adds the traceback.
 """
@@ -9,7 +10,6 @@ inside the commands, so ``--help`` loads no model code. Errors: one line on stde
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import traceback
@@ -176,6 +176,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The `anomalens` argument parser (global options are accepted before or after the command)."""
+    from anomalens.cli_options import MODEL, add_shared, names, positive_ints, shots_or_full
     from anomalens.converters import SOURCES
     from anomalens.demo import DEMO_METHODS
     from anomalens.protocols import PROTOCOLS
@@ -195,30 +196,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("detect", cmd_detect, "score images (files, folders, globs): scores.csv + heatmap PNGs")
     p.add_argument("inputs", nargs="+", help="image files, folders (recursive) or glob patterns")
-    _shared(p, *MODEL, "--precision", "--support", "--class-name", "--threshold")
+    add_shared(p, *MODEL, "--precision", "--support", "--class-name", "--threshold")
     p.add_argument("--out", default="runs/detect", help="output folder (default runs/detect)")
-    _shared(p, "--batch-size")
+    add_shared(p, "--batch-size")
     p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in the overlays")
     p.add_argument("--no-heatmaps", dest="heatmaps", action="store_false", help="write scores only")
-    _shared(p, "--workers")
+    add_shared(p, "--workers")
     p.add_argument("--onnx", help="an exported model (.onnx), run with ONNX Runtime instead of torch")
 
     p = command("train", cmd_train, "train a method on dataset(s) and write <out>/model.anomalens")
-    _shared(p, *MODEL[1:], "--data")
+    add_shared(p, *MODEL[1:], "--data")
     p.add_argument("--split", help="split to train on (default: the recipe's, else test, as the papers)")
-    _shared(p, "--classes")
+    add_shared(p, "--classes")
     recipe_help = "the released code's or paper's settings (docs/recipes.md)"
     p.add_argument("--recipe", choices=RECIPE_NAMES, help=recipe_help)
     p.add_argument("--out", dest="out_dir", metavar="OUT", required=True, help="run folder (model, logs)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    _shared(p, "--epochs", "--lr")
-    _shared(p, "--batch-size", default=None)
+    add_shared(p, "--epochs", "--lr")
+    add_shared(p, "--batch-size", default=None)
     shots_help = "training subset per class (method's meaning), or 'full'"
-    p.add_argument("--shots", type=_shots_or_full, help=shots_help)
+    p.add_argument("--shots", type=shots_or_full, help=shots_help)
     p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast on CUDA (default fp32)")
-    p.add_argument("--stages", type=_names, help="comma-separated training stages to run (default all)")
+    p.add_argument("--stages", type=names, help="comma-separated training stages to run (default all)")
     p.add_argument("--normal-only", action="store_true", help="train on normal images (CoRe-CLIP C.1)")
-    _shared(p, "--train-set")
+    add_shared(p, "--train-set")
 
     help = "a method's paper protocol end to end, beside the published table"
     p = command("reproduce", cmd_reproduce, help)
@@ -226,33 +227,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", required=True, help="folder with mvtec/, visa/ (and caad/ for core-clip)")
     weights_help = "converted official checkpoint: DATASET=FILE (dataset trained on)"
     p.add_argument("--weights", action="append", help=weights_help)
-    _shared(p, "--backbone", "--pretrained")
-    _shared(p, "--set", help="method option on top of the recipe's; repeatable")
-    _shared(p, "--train-set", help="training option on top of the recipe's (epochs=1); repeatable")
-    _shared(p, "--batch-size", help="evaluation batch size")
+    add_shared(p, "--backbone", "--pretrained")
+    add_shared(p, "--set", help="method option on top of the recipe's; repeatable")
+    add_shared(p, "--train-set", help="training option on top of the recipe's (epochs=1); repeatable")
+    add_shared(p, "--batch-size", help="evaluation batch size")
     p.add_argument("--out", default="runs/reproduce")
 
     p = command("eval", cmd_eval, "evaluate a checkpoint or method: results.json, markdown table, report")
-    _shared(p, *MODEL, "--precision", "--data")
+    add_shared(p, *MODEL, "--precision", "--data")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
-    _shared(p, "--classes")
+    add_shared(p, "--classes")
     p.add_argument("--protocol", choices=PROTOCOLS, help="default: from --shots and --seeds")
-    p.add_argument("--shots", type=_ints, help="K normal support images per class, e.g. 4 or 1,2,4")
+    p.add_argument("--shots", type=positive_ints, help="K normal support images per class, e.g. 4 or 1,2,4")
     p.add_argument("--seeds", type=int, help="support draws per K (generalist protocol; default 3)")
     p.add_argument("--support-seed", type=int, default=0, help="seed of the (first) support draw")
     p.add_argument("--eval-resolution", choices=("input", "model"), default="input", help=RESOLUTION_HELP)
     p.add_argument("--aupro", dest="aupro_variant", choices=("mvtec", "sampled"), default="mvtec")
     p.add_argument("--report", action="store_true", help="also write <out>/report.html with heatmaps")
     p.add_argument("--out", default="runs/eval")
-    _shared(p, "--batch-size", "--workers")
+    add_shared(p, "--batch-size", "--workers")
 
     p = command("bench", cmd_bench, "throughput, latency, memory, FLOPs and the ratio to matmul throughput")
-    p.add_argument("--methods", type=_names, help="comma-separated methods (default all)")
-    _shared(p, "--backbone", help="backbone for every method (default each method's)")
-    _shared(p, "--pretrained")
-    _shared(p, "--set", help="option for every benchmarked method; repeatable")
-    _shared(p, "--precision")
-    p.add_argument("--batch-sizes", type=_ints, default=[1, 8])
+    p.add_argument("--methods", type=names, help="comma-separated methods (default all)")
+    add_shared(p, "--backbone", help="backbone for every method (default each method's)")
+    add_shared(p, "--pretrained")
+    add_shared(p, "--set", help="option for every benchmarked method; repeatable")
+    add_shared(p, "--precision")
+    p.add_argument("--batch-sizes", type=positive_ints, default=[1, 8])
     p.add_argument("--image-size", type=int, default=512, help="side of the synthetic input images")
     p.add_argument("--iters", type=int, default=10, help="timed batches per configuration")
     p.add_argument("--warmup", type=int, default=2)
@@ -264,56 +265,56 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", cmd_demo, help)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--method", help=f"trainable method (default the first of {', '.join(DEMO_METHODS)})")
-    _shared(p, "--epochs", help="override the demo schedule")
-    _shared(p, "--lr")
-    _shared(p, "--batch-size", default=None)
+    add_shared(p, "--epochs", help="override the demo schedule")
+    add_shared(p, "--lr")
+    add_shared(p, "--batch-size", default=None)
     p.add_argument("--n", type=int, default=16, help="synthetic images per class and label")
     p.add_argument("--size", type=int, default=48, help="synthetic image side")
-    _shared(p, "--classes", help="subset of the held-out classes to evaluate on (default all six)")
+    add_shared(p, "--classes", help="subset of the held-out classes to evaluate on (default all six)")
 
     p = command("data", cmd_data, "describe a dataset spec and verify that every image and mask decodes")
     p.add_argument("spec", help="dataset spec, e.g. mvtec:/data/mvtec")
     p.add_argument("--split", choices=("train", "test", "all"), default="all")
-    _shared(p, "--classes")
+    add_shared(p, "--classes")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="counts only, decode nothing")
 
     p = command("calibrate", cmd_calibrate, "store a verdict threshold in a checkpoint")
     p.add_argument("--checkpoint", required=True)
-    _shared(p, "--pretrained", help="override the stored tag")
+    add_shared(p, "--pretrained", help="override the stored tag")
     p.add_argument("--data", help="labelled dataset spec (F1-max threshold) or normal-only (percentile)")
     p.add_argument("--split", default="test")
-    _shared(p, "--classes")
+    add_shared(p, "--classes")
     p.add_argument("--normals", nargs="+", help="normal images (files, folders, globs): percentile rule")
     p.add_argument("--rule", choices=("auto", "percentile", "f1"), default="auto")
     p.add_argument("--percentile", type=float, default=99.0)
-    _shared(p, "--support", "--class-name", "--batch-size")
+    add_shared(p, "--support", "--class-name", "--batch-size")
     p.add_argument("--out", help="write the calibrated checkpoint here (default: update --checkpoint)")
 
     p = command("convert", cmd_convert, "convert an official checkpoint into an anomalens model file")
     p.add_argument("checkpoint", help="the official checkpoint file")
     p.add_argument("--from", dest="source", required=True, choices=sorted(SOURCES), help="official code base")
     p.add_argument("--out", required=True, help="output model file (.anomalens)")
-    _shared(p, "--backbone", "--pretrained")
-    _shared(p, "--set", help="method/converter option, e.g. configuration=crane+ for Crane; repeatable")
+    add_shared(p, "--backbone", "--pretrained")
+    add_shared(p, "--set", help="method/converter option, e.g. configuration=crane+ for Crane; repeatable")
 
     p = command("serve", cmd_serve, "HTTP API and web page over a model (the [serve] extra; docs/serve.md)")
-    _shared(p, *MODEL, "--precision")
+    add_shared(p, *MODEL, "--precision")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
-    _shared(p, "--class-name", default="object", help="class of requests that name none")
+    add_shared(p, "--class-name", default="object", help="class of requests that name none")
     p.add_argument("--support", help="folder of normal images (few-shot): its own, or sub-folders per class")
-    _shared(p, "--threshold")
+    add_shared(p, "--threshold")
     p.add_argument("--max-batch-size", type=int, default=8, help="images per micro-batch (default 8)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="wait for a batch to fill (default 5)")
     p.add_argument("--max-queue", type=int, default=64, help="queued images before 503 (default 64)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="request size limit, 413 (default 20)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, 413 (default 40e6)")
     p = command("export", cmd_export, "export a model to ONNX (docs/export.md): scores and maps, no torch")
-    _shared(p, *MODEL, "--precision")
+    add_shared(p, *MODEL, "--precision")
     help = "class to bake in (repeatable)"
     p.add_argument("--class-name", dest="class_names", action="append", required=True, help=help)
     p.add_argument("--format", default="onnx", choices=("onnx",), help="export format (default onnx)")
-    _shared(p, "--support", help="normal images baked in (few-shot methods)")
+    add_shared(p, "--support", help="normal images baked in (few-shot methods)")
     p.add_argument("--out", required=True, help="output file (.onnx)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: torch's)")
     return parser
@@ -407,97 +408,6 @@ def _model(args: argparse.Namespace) -> Method:
     else:
         model = create(args.method, args.backbone, args.pretrained, args.device, **args.options)
     return model.set_precision(args.precision)
-
-
-class _Pairs(argparse.Action):
-    """A repeatable ``KEY=VALUE`` flag such as ``--set``: a dict {key: JSON value, or the string when
-    it is not JSON}."""
-
-    def __call__(self, parser: Any, namespace: Any, pair: Any, flag: str | None = None) -> None:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            _usage_error(f"{flag} expects KEY=VALUE, got {pair!r}")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        setattr(namespace, self.dest, {**getattr(namespace, self.dest), key.strip(): parsed})
-
-
-def _pretrained(value: str) -> str | None:
-    return None if value.strip().lower() in ("none", "random") else value
-
-
-def _names(value: str) -> list[str]:
-    if not (names := [v.strip() for v in value.split(",") if v.strip()]):
-        raise argparse.ArgumentTypeError("expected a comma-separated list")
-    return names
-
-
-def _ints(value: str) -> list[int]:
-    numbers = [int(v) if v.isdigit() else 0 for v in _names(value)]
-    if not all(n >= 1 for n in numbers):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {value!r}")
-    return numbers
-
-
-def _shots_or_full(value: str) -> int | str:
-    if value != "full" and not value.strip().isdigit():
-        raise argparse.ArgumentTypeError(f"expected a number or 'full', got {value!r}")
-    return value if value == "full" else int(value)
-
-
-def _pairs(dest: str, help: str) -> dict[str, Any]:
-    """`add_argument` keywords of a repeatable ``KEY=VALUE`` flag (`_Pairs`)."""
-    return {
-        "dest": dest,
-        "action": _Pairs,
-        "default": {},
-        "metavar": "KEY=VALUE",
-        "help": f"{help}; repeatable",
-    }
-
-
-# Options of several commands: flag -> `add_argument` keywords (a command may override some).
-SHARED: dict[str, dict[str, Any]] = {
-    "--checkpoint": {"help": "a saved model (.anomalens)"},
-    "--method": {"help": "a registered method (see `anomalens list`)"},
-    "--backbone": {"help": "backbone name (default: the method's)"},
-    "--pretrained": {
-        "type": _pretrained,
-        "default": "default",
-        "help": "open_clip tag, 'openai', a weights file, or 'none' for random weights",
-    },
-    "--set": _pairs("options", "method option (JSON value or string)"),
-    "--train-set": _pairs("train_options", "option for every stage (lr=1e-4) or one (image.lr=1e-4)"),
-    "--precision": {
-        "choices": ("fp32", "bf16", "fp16", "int8"),
-        "default": "fp32",
-        "help": "image tower at inference: bf16/fp16 autocast (fp16 GPU only), "
-        "int8 dynamic quantisation (CPU)",
-    },
-    "--data": {"action": "append", "required": True, "help": "dataset spec (repeatable)"},
-    "--support": {"nargs": "+", "help": "K normal images of the class (few-shot methods)"},
-    "--class-name": {"help": "object/class name given to the method (default 'object')"},
-    "--threshold": {"type": float, "help": "verdict threshold (default: the checkpoint's)"},
-    "--classes": {"type": _names, "help": "comma-separated subset of classes"},
-    "--batch-size": {"type": int, "default": 16},
-    "--epochs": {"type": int},
-    "--lr": {"type": float},
-    "--workers": {
-        "type": int,
-        "help": "processes reading and resizing images while the model runs (default: up to 4; 0: none)",
-    },
-}
-
-
-# --checkpoint or --method of a model, as `_model` reads them.
-MODEL = ("--checkpoint", "--method", "--backbone", "--pretrained", "--set")
-
-
-def _shared(parser: argparse.ArgumentParser, *flags: str, **override: Any) -> None:
-    for flag in flags:
-        parser.add_argument(flag, **SHARED[flag] | override)
 
 
 def _one_line(error: BaseException) -> str:
