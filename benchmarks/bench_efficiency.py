@@ -24,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import anomalens as al
 from anomalens.bench import count_flops, matmul_gflops
+from anomalens.memory import retain_freed_memory
 
 # aten operator → category of the profile split (anything else: "other").
 CATEGORIES = {
@@ -62,9 +63,16 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=2, help="support images of few-shot methods")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="split one call's time by operator category")
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is (default: anomalens.memory.retain_freed_memory, as the CLI does)",
+    )
     args = parser.parse_args()
+    retained = not args.system_malloc and retain_freed_memory()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.backbone}@{args.image_size}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.backbone}@{args.image_size}, "
+        f"malloc {'retaining freed memory' if retained else 'as the system set it'}"
     )
     for method in args.methods.split(","):
         measure(method, args)

@@ -350,6 +350,9 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
                 from anomalens.engine.trainer import seed_everything
 
                 seed_everything(args.seed)
+            from anomalens.memory import retain_freed_memory
+
+            retain_freed_memory()  # reuse freed activations instead of faulting in fresh pages
             args.progress = not args.quiet
             return args.handler(args) or 0
         except KeyboardInterrupt:
