@@ -49,6 +49,7 @@ import torch
 import anomalens as al
 from anomalens.detect import detect as detect_files
 from anomalens.evaluation import class_metrics, evaluate_method
+from anomalens.memory import retain_freed_memory
 from anomalens.methods.base import resize_maps
 
 
@@ -75,6 +76,7 @@ def main() -> None:
     )
     parser.add_argument("--aupro", default="mvtec", choices=("mvtec", "sampled"))
     args = parser.parse_args()
+    retain_freed_memory()  # as `anomalens eval` and `detect` run
 
     method = al.create(
         args.method,
