@@ -95,6 +95,16 @@ def test_key_value_flags_parse_into_a_dict(capsys):
     ]
 
 
+def test_commands_that_run_models_retain_freed_memory(capsys, monkeypatch, mvtec_root):
+    """Every command but `list` applies `anomalens.memory.retain_freed_memory` before it runs."""
+    import anomalens.memory
+
+    calls = []
+    monkeypatch.setattr(anomalens.memory, "retain_freed_memory", lambda: calls.append(True))
+    assert run(capsys, "list")[0] == 0 and calls == []
+    assert run(capsys, "data", f"mvtec:{mvtec_root}", "--no-verify")[0] == 0 and calls == [True]
+
+
 def test_runtime_errors_are_one_line_without_traceback(capsys, mvtec_root):
     code, out, err = run(capsys, "eval", "--method", "no-such-method", "--data", f"mvtec:{mvtec_root}")
     assert code == 1 and out == ""

@@ -345,14 +345,16 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
             warnings.showwarning = lambda message, *_a, **_k: _warn(str(message))
             root.addHandler(log_handler)
         try:
-            # Listing and `detect --onnx` draw no random number from torch and must not import it.
-            if args.handler is not cmd_list and not getattr(args, "onnx", None):
-                from anomalens.engine.trainer import seed_everything
+            # Listing runs no model; `detect --onnx` draws no random number from torch and must not
+            # import it.
+            if args.handler is not cmd_list:
+                from anomalens.memory import retain_freed_memory
 
-                seed_everything(args.seed)
-            from anomalens.memory import retain_freed_memory
+                retain_freed_memory()  # reuse freed activations instead of faulting in fresh pages
+                if not getattr(args, "onnx", None):
+                    from anomalens.engine.trainer import seed_everything
 
-            retain_freed_memory()  # reuse freed activations instead of faulting in fresh pages
+                    seed_everything(args.seed)
             args.progress = not args.quiet
             return args.handler(args) or 0
         except KeyboardInterrupt:
