@@ -5,7 +5,7 @@ forward pass on 64 MiB activations (each op a fresh output, its input freed), 8 
 minor page faults of rounds 2-8: glibc's default maps every such block anew and faults it in one 4 KiB
 page at a time (8 blocks of 16,384 pages a round, 917,504 in all); with freed memory retained the blocks
 come back from the heap. The heap may still grow by a block or three in rounds 2-5, by how the aligned
-blocks fall (it varies with address randomisation: 0 to 49,153 faults in 12 runs), and not after that.
+blocks fall (it varies with address randomisation: 0 to 49,153 faults in 20 runs), and not after that.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import resource, torch
 from anomalens.memory import retain_freed_memory
 print(retain_freed_memory())
 x = torch.ones(16 * 2**20)
-for round in range(8):
-    if round == 1:
+for i in range(8):
+    if i == 1:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(4):
         y = x * 2

@@ -3,11 +3,11 @@
 glibc's ``malloc`` serves large blocks (above a threshold that moves between 128 KiB and 32 MiB) with fresh
 ``mmap`` pages and unmaps them when they are freed, and it returns the free top of its heap to the system
 beyond 128 KiB. A forward pass allocates its activations anew at every block, so on CPU every large
-activation is first touched through one page fault per 4 KiB page, which the kernel zero-fills: about
-250,000 faults per ViT-L-14-336 call at 518 px, 3-4 % of the call (docs/performance.md §8). Two ``mallopt``
-settings remove them: no ``mmap`` blocks (``M_MMAP_MAX`` = 0, everything comes from the heap, where freed
-blocks are reused) and a trim threshold of `RETAIN_BYTES` (up to that much free memory stays mapped).
-The cost is a resident size that stays near its peak plus up to `RETAIN_BYTES`.
+activation is first touched through one page fault per 4 KiB page, which the kernel zero-fills: 114,000
+to 250,000 faults per ViT-L-14-336 call at 518 px, about 3 % of the call (docs/performance.md §8).
+Two ``mallopt`` settings remove them: no ``mmap`` blocks (``M_MMAP_MAX`` = 0, everything comes from
+the heap, where freed blocks are reused) and a trim threshold of `RETAIN_BYTES` (up to that much free
+memory stays mapped). The cost is a resident size that stays near its peak plus up to `RETAIN_BYTES`.
 
 `anomalens` commands call `retain_freed_memory` before they run; a program that uses the library may call
 it once at start-up. ``ANOMALENS_MALLOC=system`` leaves the allocator as it is. Standard library only.
